@@ -12,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from momentkit.errors import MomentInputError
 
 
 class Normalize(nn.Module):
@@ -54,3 +57,121 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+def _validate_spread(mean: torch.Tensor, var_or_cov: torch.Tensor, fn: str) -> bool:
+    """Return True for a diagonal (variance) input, False for a full covariance."""
+    for name, t in (("mean", mean), ("var_or_cov", var_or_cov)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise MomentInputError(f"{fn}: {name} must be a floating-point tensor")
+        if bool(torch.isnan(t).any()):
+            raise MomentInputError(f"{fn}: {name} contains NaN")
+    if var_or_cov.shape == mean.shape:
+        if bool((var_or_cov < 0).any()):
+            raise MomentInputError(f"{fn}: var_or_cov (a variance) has negative entries")
+        return True
+    if var_or_cov.dim() >= 2 and var_or_cov.shape[-1] == var_or_cov.shape[-2]:
+        n = var_or_cov.shape[-1]
+        diag = torch.diagonal(var_or_cov, dim1=-2, dim2=-1)
+        if bool((diag < 0).any()):
+            raise MomentInputError(f"{fn}: var_or_cov (a covariance) has a negative diagonal")
+        tol = 64 * torch.finfo(var_or_cov.dtype).eps * var_or_cov.abs().amax()
+        if bool(((var_or_cov - var_or_cov.transpose(-1, -2)).abs() > tol).any()):
+            raise MomentInputError(f"{fn}: var_or_cov (a covariance) is not symmetric")
+        return n  # type: ignore[return-value]
+    raise MomentInputError(
+        f"{fn}: var_or_cov of shape {tuple(var_or_cov.shape)} is neither a variance of the "
+        f"mean's shape {tuple(mean.shape)} nor a covariance of shape (..., n, n)"
+    )
+
+
+def _full_cov_through_linear(matrix: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    out = matrix @ cov @ matrix.transpose(-1, -2)
+    return 0.5 * (out + out.transpose(-1, -2))
+
+
+def _conv_apply(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def affine_moments(
+    layer_or_matrix: nn.Module | torch.Tensor,
+    mean: torch.Tensor,
+    var_or_cov: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (co)variance of ``y = A x + c`` for ``x ~ N(mean, Sigma)`` (Eq. 5).
+
+    ``layer_or_matrix``: an ``nn.Linear``, an ``nn.Conv2d`` (any stride, zero padding,
+    dilation, groups), a :class:`Normalize`, or a matrix ``A`` of shape ``(out, in)``
+    (with optional ``bias`` of shape ``(out,)``).
+
+    ``var_or_cov`` is diagonal when it has the shape of ``mean`` (then the output
+    variance is ``(A * A) v``: for a convolution the same convolution of ``v`` with
+    squared weights and no bias) and a full covariance otherwise: ``(..., n, n)`` for
+    vectors of length ``n`` and ``(N, D, D)``, ``D = C*H*W``, for images of shape
+    ``(N, C, H, W)`` (output ``(N, D', D')`` over the flattened output). Returns
+    ``(out_mean, out_var_or_cov)`` in the same form as the input. Exact up to
+    rounding. Raises :class:`MomentInputError` for bad input or an unsupported layer.
+    """
+    fn = "affine_moments"
+    diagonal = _validate_spread(mean, var_or_cov, fn) is True
+    if isinstance(layer_or_matrix, torch.Tensor):
+        a = layer_or_matrix.to(mean.dtype)
+        if a.dim() != 2 or a.shape[1] != mean.shape[-1]:
+            raise MomentInputError(
+                f"{fn}: matrix of shape {tuple(a.shape)} does not map vectors of length "
+                f"{mean.shape[-1]}"
+            )
+        out_mean = mean @ a.T
+        if bias is not None:
+            out_mean = out_mean + bias.to(mean.dtype)
+        if diagonal:
+            return out_mean, var_or_cov @ (a * a).T
+        return out_mean, _full_cov_through_linear(a, var_or_cov)
+    if bias is not None:
+        raise MomentInputError(f"{fn}: bias is only taken with a matrix, not with a module")
+    layer = layer_or_matrix
+    if isinstance(layer, nn.Linear):
+        return affine_moments(layer.weight, mean, var_or_cov, layer.bias)
+    if isinstance(layer, Normalize):
+        out_mean = layer(mean)
+        if diagonal:
+            return out_mean, layer.scale_variance(var_or_cov)
+        inv = (1.0 / layer._view(layer.std, mean)).expand_as(mean)
+        if mean.dim() == 4:
+            inv = inv.reshape(mean.shape[0], -1)
+        return out_mean, inv.unsqueeze(-1) * var_or_cov * inv.unsqueeze(-2)
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros":
+            raise MomentInputError(
+                f"{fn}: Conv2d with padding_mode={layer.padding_mode!r} repeats input values, "
+                "so Eq. 5 does not hold; only zero padding is supported"
+            )
+        if mean.dim() != 4:
+            raise MomentInputError(f"{fn}: Conv2d needs mean of shape (N, C, H, W)")
+        w = layer.weight.to(mean.dtype)
+        out_mean = _conv_apply(layer, mean, w)
+        if layer.bias is not None:
+            out_mean = out_mean + layer.bias.to(mean.dtype).view(1, -1, 1, 1)
+        if diagonal:
+            return out_mean, _conv_apply(layer, var_or_cov, w * w)
+        n, c, h, wd = mean.shape
+        d = c * h * wd
+        if var_or_cov.shape != (n, d, d) and var_or_cov.shape != (d, d):
+            raise MomentInputError(
+                f"{fn}: covariance for images of shape {tuple(mean.shape)} must be "
+                f"(N, {d}, {d}), got {tuple(var_or_cov.shape)}"
+            )
+        cov = var_or_cov.expand(n, d, d)
+        d_out = out_mean[0].numel()
+        # A Sigma: apply the convolution to every column of Sigma (rows by symmetry).
+        left = _conv_apply(layer, cov.reshape(n * d, c, h, wd), w).reshape(n, d, d_out)
+        right = _conv_apply(
+            layer, left.transpose(1, 2).reshape(n * d_out, c, h, wd), w
+        ).reshape(n, d_out, d_out)
+        return out_mean, 0.5 * (right + right.transpose(1, 2))
+    raise MomentInputError(
+        f"{fn}: unsupported layer {type(layer).__name__}; expected nn.Linear, nn.Conv2d, "
+        "Normalize or a matrix"
+    )

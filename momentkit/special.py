@@ -1,0 +1,168 @@
+"""Standard normal functions and the bivariate normal cdf, on tensors.
+
+Every function takes and returns tensors of any floating dtype and device;
+constants take the dtype and device of the input.
+
+* ``normal_pdf(x)  = exp(-x**2 / 2) / sqrt(2 pi)``
+* ``normal_cdf(x)  = Phi(x) = erfc(-x / sqrt 2) / 2`` (relative accuracy in both tails,
+  because ``erfc`` is evaluated directly and never as ``1 - erf``)
+* ``log_normal_cdf(x) = log Phi(x)`` (``torch.special.log_ndtr``: finite for x -> -inf)
+* ``mills_ratio(x) = (1 - Phi(x)) / phi(x) = sqrt(pi / 2) * erfcx(x / sqrt 2)``
+* ``bivariate_normal_cdf(h, k, rho) = P(X < h, Y < k)`` for a standard bivariate normal
+  with correlation ``rho`` (Drezner and Wesolowsky 1990 in the form of Genz 2004,
+  20-point Gauss-Legendre; absolute error below 1e-15 in float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from momentkit.errors import MomentInputError
+
+_SQRT2 = math.sqrt(2.0)
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+_SQRT_PI_OVER_2 = math.sqrt(math.pi / 2.0)
+
+# 20-point Gauss-Legendre rule on [-1, 1]; Genz (2004) shows it reaches double
+# precision for every correlation once |rho| >= 0.925 switches to the
+# high-correlation form below.
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(20)
+# |rho| below this: integrate in asin(rho); above: Drezner-Wesolowsky's
+# transformation, which stays accurate as rho -> +-1 (Genz 2004, Section 2.1).
+_BVN_HIGH_CORRELATION = 0.925
+
+
+def normal_pdf(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal density ``phi(x)``."""
+    return torch.exp(-0.5 * x * x) / _SQRT_2PI
+
+
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal cdf ``Phi(x)``, relatively accurate in the lower tail."""
+    return 0.5 * torch.special.erfc(-x / _SQRT2)
+
+
+def log_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """``log Phi(x)``, finite down to very negative ``x``."""
+    return torch.special.log_ndtr(x)
+
+
+def mills_ratio(x: torch.Tensor) -> torch.Tensor:
+    """Mills ratio ``(1 - Phi(x)) / phi(x)``, computed through ``erfcx``."""
+    return _SQRT_PI_OVER_2 * torch.special.erfcx(x / _SQRT2)
+
+
+def _gl(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    nodes = torch.as_tensor(_GL_NODES, dtype=ref.dtype, device=ref.device)
+    weights = torch.as_tensor(_GL_WEIGHTS, dtype=ref.dtype, device=ref.device)
+    return nodes, weights
+
+
+def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """``P(X > h, Y > k)`` for correlation ``r`` in [-1, 1] (Genz's BVNU), no autograd."""
+    nodes, weights = _gl(h)
+    two_pi = 2.0 * math.pi
+    low = r.abs() < _BVN_HIGH_CORRELATION
+
+    # Moderate correlation: Phi(-h) Phi(-k) + 1/(2 pi) int_0^asin(r) exp(...) dtheta.
+    r_low = torch.where(low, r, torch.zeros_like(r))
+    hk = h * k
+    hs = 0.5 * (h * h + k * k)
+    asr = torch.asin(r_low)
+    sn = torch.sin(asr.unsqueeze(-1) * (nodes + 1.0) / 2.0)
+    integrand = torch.exp((sn * hk.unsqueeze(-1) - hs.unsqueeze(-1)) / (1.0 - sn * sn))
+    bvn_low = asr * (integrand * weights).sum(-1) / (2.0 * two_pi)
+    bvn_low = bvn_low + normal_cdf(-h) * normal_cdf(-k)
+
+    # High correlation (Drezner-Wesolowsky): reduce to rho = +1 after flipping k.
+    r_high = torch.where(low, torch.full_like(r, 0.95), r)
+    neg = r_high < 0
+    kk = torch.where(neg, -k, k)
+    hk2 = h * kk
+    one_minus = (1.0 - r_high.abs()) * (1.0 + r_high.abs())
+    degenerate = one_minus <= 0
+    a_sq = torch.where(degenerate, torch.ones_like(one_minus), one_minus)
+    a = torch.sqrt(a_sq)
+    bs = (h - kk) ** 2
+    c = (4.0 - hk2) / 8.0
+    d = (12.0 - hk2) / 16.0
+    part = a * torch.exp(-(bs / a_sq + hk2) / 2.0) * (
+        1.0 - c * (bs - a_sq) * (1.0 - d * bs / 5.0) / 3.0 + c * d * a_sq * a_sq / 5.0
+    )
+    b = torch.sqrt(bs)
+    # exp(-hk/2) overflows for hk << 0, where Phi(-b/a) has underflowed already.
+    tail = torch.exp(-torch.clamp(hk2, min=-160.0) / 2.0) * _SQRT_2PI * normal_cdf(-b / a) * b * (
+        1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0
+    )
+    part = part - torch.where(hk2 > -160.0, tail, torch.zeros_like(tail))
+    half = a / 2.0
+    xs = (half.unsqueeze(-1) * (nodes + 1.0)) ** 2
+    rs = torch.sqrt(1.0 - xs)
+    bs_e, hk_e, c_e, d_e = bs.unsqueeze(-1), hk2.unsqueeze(-1), c.unsqueeze(-1), d.unsqueeze(-1)
+    term = torch.exp(-bs_e / (2.0 * xs) - hk_e / (1.0 + rs)) / rs - torch.exp(
+        -(bs_e / xs + hk_e) / 2.0
+    ) * (1.0 + c_e * xs * (1.0 + d_e * xs))
+    part = part + half * (weights * term).sum(-1)
+    part = -part / two_pi
+    part = torch.where(degenerate, torch.zeros_like(part), part)
+    pos_value = part + normal_cdf(-torch.maximum(h, kk))
+    neg_value = -part + torch.clamp(normal_cdf(kk) - normal_cdf(h), min=0.0)
+    bvn_high = torch.where(neg, neg_value, pos_value)
+    return torch.where(low, bvn_low, bvn_high).clamp(0.0, 1.0)
+
+
+class _BivariateNormalCdf(torch.autograd.Function):
+    """Forward by Genz's algorithm, backward by the analytic partial derivatives
+    ``dPhi2/dh = phi(h) Phi((k - rho h)/r)``, ``dPhi2/drho = phi2(h, k; rho)``
+    (``r = sqrt(1 - rho^2)``). At ``rho = +-1`` the rho-derivative is a point mass
+    and is reported as 0."""
+
+    @staticmethod
+    def forward(ctx, h, k, rho):  # noqa: D401
+        ctx.save_for_backward(h, k, rho)
+        return _bvn_upper(-h, -k, rho)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        h, k, rho = ctx.saved_tensors
+        r2 = (1.0 - rho) * (1.0 + rho)
+        interior = r2 > 0
+        r = torch.sqrt(torch.where(interior, r2, torch.ones_like(r2)))
+        big = torch.finfo(h.dtype).max
+        # Phi((k - rho h) / r) with its limit as r -> 0 (a step in k - rho h).
+        arg_h = torch.where(interior, (k - rho * h) / r, torch.sign(k - rho * h) * big)
+        arg_k = torch.where(interior, (h - rho * k) / r, torch.sign(h - rho * k) * big)
+        gh = normal_pdf(h) * normal_cdf(arg_h)
+        gk = normal_pdf(k) * normal_cdf(arg_k)
+        quad = (h * h - 2.0 * rho * h * k + k * k) / r2.clamp_min(torch.finfo(h.dtype).tiny)
+        grho = torch.where(
+            interior, torch.exp(-0.5 * quad) / (2.0 * math.pi * r), torch.zeros_like(r)
+        )
+        return grad * gh, grad * gk, grad * grho
+
+
+def bivariate_normal_cdf(
+    h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor
+) -> torch.Tensor:
+    """``Phi2(h, k; rho) = P(X < h, Y < k)``, standard bivariate normal, correlation rho.
+
+    Broadcasts its arguments. ``rho`` must lie in [-1, 1]; ``rho = +-1`` gives the
+    exact degenerate limits ``Phi(min(h, k))`` and ``max(0, Phi(h) - Phi(-k))``.
+    Lower-precision inputs are evaluated in float64 and rounded back.
+    Raises :class:`MomentInputError` for NaN or ``|rho| > 1``.
+    """
+    h, k, rho = torch.broadcast_tensors(*map(torch.as_tensor, (h, k, rho)))
+    for name, t in (("h", h), ("k", k), ("rho", rho)):
+        if not t.is_floating_point():
+            raise MomentInputError(f"bivariate_normal_cdf: {name} must be a floating tensor")
+        if bool(torch.isnan(t).any()):
+            raise MomentInputError(f"bivariate_normal_cdf: {name} contains NaN")
+    if bool((rho.abs() > 1).any()):
+        raise MomentInputError("bivariate_normal_cdf: rho must lie in [-1, 1]")
+    dtype = h.dtype
+    out = _BivariateNormalCdf.apply(h.double(), k.double(), rho.double())
+    return out.to(dtype)
