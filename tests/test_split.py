@@ -282,7 +282,7 @@ def test_upsilon_rejects_bad_parts() -> None:
 
 def dense_jacobian(upsilon: Upsilon, x0: torch.Tensor) -> torch.Tensor:
     """``A`` with ``upsilon(x).flatten() = A x.flatten() + c`` (one image ``x0``)."""
-    jac = jacobian(lambda t: upsilon(t.unsqueeze(0)).flatten(), x0)
+    jac = jacobian(lambda t: upsilon(t.unsqueeze(0)).flatten(), x0, vectorize=True)
     return jac.reshape(jac.shape[0], -1)
 
 
