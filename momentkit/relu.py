@@ -95,7 +95,17 @@ def _lower_tail(mu: torch.Tensor, s: torch.Tensor, with_var: bool):
     return mean, var
 
 
-def _mean_forward(mu: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _std64(s: torch.Tensor, var: torch.Tensor | None, mask: torch.Tensor | None = None):
+    """``s`` in float64; from ``var`` when given, so that the float32 rounding of
+    ``sqrt(var)`` (amplified ``z^2``-fold in the tails) never enters."""
+    if var is None:
+        return (s if mask is None else s[mask]).double()
+    return torch.sqrt((var if mask is None else var[mask]).double())
+
+
+def _mean_forward(
+    mu: torch.Tensor, s: torch.Tensor, var: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``T(mu, s)`` and ``z``.
 
     ``T = mu Phi(z) + s phi(z)`` is evaluated in ``mu``'s dtype (the hot path of
@@ -109,7 +119,7 @@ def _mean_forward(mu: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torc
     recompute_below = -_TAIL_SWITCH if mu.dtype == torch.float64 else -1.0
     lower = z < recompute_below
     if bool(lower.any()):
-        mu64, s64 = mu[lower].double(), s[lower].double()
+        mu64, s64 = mu[lower].double(), _std64(s, var, lower)
         z64 = _standardize(mu64, s64)
         fixed = mu64 * normal_cdf(z64) + s64 * normal_pdf(z64)
         tail = z64 < -_TAIL_SWITCH
@@ -119,9 +129,11 @@ def _mean_forward(mu: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torc
     return out, z
 
 
-def _moments64(mu: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments64(
+    mu: torch.Tensor, s: torch.Tensor, var: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of ReLU(N(mu, s^2)), everything in float64."""
-    mu, s = mu.double(), s.double()
+    mu, s = mu.double(), _std64(s, var)
     z = _standardize(mu, s)
     cdf, pdf = normal_cdf(z), normal_pdf(z)
     h = z * cdf + pdf
@@ -144,8 +156,8 @@ def _moments64(mu: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 class _ReluMean(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mu, s):
-        out, z = _mean_forward(mu, s)
+    def forward(ctx, mu, s, var=None):
+        out, z = _mean_forward(mu, s, var)
         ctx.save_for_backward(z)
         return out
 
@@ -153,13 +165,13 @@ class _ReluMean(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
-        return grad * normal_cdf(z), grad * normal_pdf(z)
+        return grad * normal_cdf(z), grad * normal_pdf(z), None
 
 
 class _ReluMoments(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mu, s):
-        mean, var = _moments64(mu, s)
+    def forward(ctx, mu, s, var_in=None):
+        mean, var = _moments64(mu, s, var_in)
         ctx.save_for_backward(mu, s, mean)
         return mean.to(mu.dtype), var.to(mu.dtype)
 
@@ -175,7 +187,7 @@ class _ReluMoments(torch.autograd.Function):
         d_var_s = 2.0 * s64 * cdf - 2.0 * mean * pdf
         g_mu = grad_mean.double() * cdf + grad_var.double() * d_var_mu
         g_s = grad_mean.double() * pdf + grad_var.double() * d_var_s
-        return g_mu.to(mu.dtype), g_s.to(s.dtype)
+        return g_mu.to(mu.dtype), g_s.to(s.dtype), None
 
 
 class _SafeSqrt(torch.autograd.Function):
@@ -253,7 +265,8 @@ def relu_mean(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     0 (its limit for ``mean != 0``; at ``mean = 0`` it is unbounded and 0 is reported).
     """
     mu, v = _check_pair(mean, var, "mean", "var", "relu_mean")
-    return _ReluMean.apply(mu.contiguous(), _SafeSqrt.apply(v.contiguous()))
+    v = v.contiguous()
+    return _ReluMean.apply(mu.contiguous(), _SafeSqrt.apply(v), v.detach())
 
 
 def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +277,8 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
     docstring for the accuracy reached). Raises :class:`MomentInputError` on bad input.
     """
     mu, v = _check_pair(mean, var, "mean", "var", "relu_moments")
-    return _ReluMoments.apply(mu.contiguous(), _SafeSqrt.apply(v.contiguous()))
+    v = v.contiguous()
+    return _ReluMoments.apply(mu.contiguous(), _SafeSqrt.apply(v), v.detach())
 
 
 def _check_cov(mean, cov, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
