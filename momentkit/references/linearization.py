@@ -163,7 +163,19 @@ def two_stage_linearization(
     rest = nn.Sequential(*(m for _, m in layers[cut + 1 :]))
     N = x.shape[0]
     x_flat = x.reshape(N, -1)
+    with torch.no_grad():  # torch.func transforms ignore this; it only drops the graph
+        return _linearize(pre, rest, x, x_flat, var_in, compute_cov)
 
+
+def _linearize(
+    pre: nn.Module,
+    rest: nn.Module,
+    x: torch.Tensor,
+    x_flat: torch.Tensor,
+    var_in: torch.Tensor,
+    compute_cov: bool,
+) -> LinearizationResult:
+    N = x.shape[0]
     mu2_full = pre(x)
     mu2 = mu2_full.reshape(N, -1)
     p = mu2.shape[1]

@@ -540,9 +540,7 @@ def monte_carlo_moments(
         done = 0
         while done < n_samples:
             m = min(per_chunk, n_samples - done)
-            eps = torch.randn(
-                (m, *mean.shape), generator=gen, dtype=mean.dtype, device=mean.device
-            )
+            eps = torch.randn((m, *mean.shape), generator=gen, dtype=mean.dtype, device=mean.device)
             x = (mean + std * eps).reshape(m * P, *mean.shape[1:])
             z = fn(x).reshape(m, P, D).to(acc) - shift  # (m, P, D)
             s1 += z.sum(0)

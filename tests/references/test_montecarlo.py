@@ -47,8 +47,14 @@ def test_one_relu_matches_closed_form_moments():
     mus = np.array([-2.0, -0.3, 0.0, 0.7, 3.0])
     s = 1.5
     res = monte_carlo_affine_relu_affine(
-        mus[:, None], np.full((5, 1), s * s), np.eye(1), np.zeros(1), np.eye(1), np.zeros(1),
-        n_samples=200_000, seed=11,
+        mus[:, None],
+        np.full((5, 1), s * s),
+        np.eye(1),
+        np.zeros(1),
+        np.eye(1),
+        np.zeros(1),
+        n_samples=200_000,
+        seed=11,
     )
     z = mus / s
     mean = mus * norm.cdf(z) + s * norm.pdf(z)
@@ -72,7 +78,9 @@ def test_matches_theorem_1_and_analytic_covariance(full: bool):
         cov_x = torch.rand(3, n, generator=g, dtype=F64) * 2.0
     res = monte_carlo_affine_relu_affine(mean_x, cov_x, A, c1, B, c2, 100_000, seed=3)
     assert res.mean.shape == (3, d) and res.cov.shape == (3, d, d) and res.n_samples == 100_000
-    _assert_within(res.mean, res.stderr, affine_relu_affine_mean(mean_x, cov_x, A, c1, B, c2), "mean")
+    _assert_within(
+        res.mean, res.stderr, affine_relu_affine_mean(mean_x, cov_x, A, c1, B, c2), "mean"
+    )
     exact_cov = affine_relu_affine_covariance(mean_x, cov_x, A, c1, B, c2)
     _assert_within(res.cov, res.cov_stderr, exact_cov, "cov")
 
@@ -81,8 +89,14 @@ def test_singular_covariance_is_legal():
     """Correlation +1: x2 = x1, so ReLU(x1) - ReLU(x2) is identically 0."""
     cov = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)
     res = monte_carlo_affine_relu_affine(
-        torch.tensor([0.2, 0.2], dtype=F64), cov, torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64),
-        torch.tensor([[1.0, -1.0]], dtype=F64), torch.zeros(1, dtype=F64), 10_000, seed=0,
+        torch.tensor([0.2, 0.2], dtype=F64),
+        cov,
+        torch.eye(2, dtype=F64),
+        torch.zeros(2, dtype=F64),
+        torch.tensor([[1.0, -1.0]], dtype=F64),
+        torch.zeros(1, dtype=F64),
+        10_000,
+        seed=0,
     )
     # x = mean + L eps with L L^T = cov from an eigendecomposition: both rows of L
     # agree to rounding, so the difference is rounding noise.
@@ -102,8 +116,14 @@ def test_stderr_matches_gaussian_theory():
     B = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -1.0]], dtype=F64)
     cov_x = torch.tensor([1.0, 0.5, 2.0], dtype=F64)
     res = monte_carlo_affine_relu_affine(
-        torch.full((n,), 50.0, dtype=F64), cov_x, A, torch.zeros(n, dtype=F64), B,
-        torch.zeros(2, dtype=F64), N, seed=5,
+        torch.full((n,), 50.0, dtype=F64),
+        cov_x,
+        A,
+        torch.zeros(n, dtype=F64),
+        B,
+        torch.zeros(2, dtype=F64),
+        N,
+        seed=5,
     )
     c = B @ torch.diag(cov_x) @ B.T
     expected_cov_var = (torch.outer(c.diagonal(), c.diagonal()) + c * c) / N
@@ -139,11 +159,20 @@ def test_blocking_does_not_change_the_samples():
 def test_mean_only_mode_skips_covariance():
     A, c1, B, c2 = _network(4, 6, 3, seed=8)
     res = monte_carlo_affine_relu_affine(
-        torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64), A, c1, B, c2, 50_000, seed=2,
+        torch.zeros(4, dtype=F64),
+        torch.ones(4, dtype=F64),
+        A,
+        c1,
+        B,
+        c2,
+        50_000,
+        seed=2,
         compute_cov=False,
     )
     assert res.cov is None and res.cov_stderr is None
-    exact = affine_relu_affine_mean(torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64), A, c1, B, c2)
+    exact = affine_relu_affine_mean(
+        torch.zeros(4, dtype=F64), torch.ones(4, dtype=F64), A, c1, B, c2
+    )
     _assert_within(res.mean, res.stderr, exact, "mean")
 
 
@@ -165,8 +194,14 @@ def test_mean_only_mode_skips_covariance():
 )
 def test_bad_input_names_the_argument(kwargs, name):
     args = {
-        "mean_x": np.zeros(3), "cov_x": np.ones(3), "A": np.ones((5, 3)), "c1": np.zeros(5),
-        "B": np.ones((2, 5)), "c2": np.zeros(2), "n_samples": 10, "seed": 0,
+        "mean_x": np.zeros(3),
+        "cov_x": np.ones(3),
+        "A": np.ones((5, 3)),
+        "c1": np.zeros(5),
+        "B": np.ones((2, 5)),
+        "c2": np.zeros(2),
+        "n_samples": 10,
+        "seed": 0,
     }
     args.update(kwargs)
     with pytest.raises(MomentInputError, match=name):
