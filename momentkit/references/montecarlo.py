@@ -40,6 +40,7 @@ thread count (and therefore for a given seed and thread count).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -60,6 +61,26 @@ __all__ = [
 #: Numba threads used when ``n_threads`` is not given: modest, so that a reference
 #: computation does not take over a shared machine.
 DEFAULT_THREADS: int = max(1, min(4, numba.config.NUMBA_NUM_THREADS))
+
+
+
+def _prefer_workqueue_layer() -> None:
+    """Use Numba's own ``workqueue`` thread pool unless the user chose a layer.
+
+    The default ``omp`` layer shares libgomp with torch's OpenMP pool: threads of
+    either spin-wait after a parallel region, so alternating torch and Numba work (as
+    every suite does) makes each Numba launch wait for cores; on a busy 2-core
+    machine that cost 24 ms per launch, six times the work. ``workqueue`` has no
+    spinning. It is chosen once per process, before the first parallel launch, and
+    only when ``NUMBA_THREADING_LAYER`` is unset and no layer is active yet. Its one
+    limit: kernels must not be launched from several Python threads at once.
+    """
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        return
+    from numba.np.ufunc import parallel
+
+    if not getattr(parallel, "_is_initialized", True):
+        numba.config.THREADING_LAYER = "workqueue"
 
 
 @dataclass(frozen=True)
@@ -450,6 +471,7 @@ def monte_carlo_affine_relu_affine(
     shift = np.maximum(mean @ A_.T + c1_, 0.0) @ B_.T + c2_
     mode = 2 if compute_cov else 0
     threads = DEFAULT_THREADS if n_threads is None else _check_count("n_threads", n_threads, 1)
+    _prefer_workqueue_layer()
     previous = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
