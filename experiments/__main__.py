@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments import demo
+from experiments import demo, grids, report
 from experiments.cli import add_runtime_args, format_robustness
 from experiments.config import METHODS, RunConfig
 from experiments.data import DATASETS, DatasetNotFoundError
@@ -168,6 +168,8 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_train,
     register_evaluate,
     demo.register,
+    grids.add_grid_parser,
+    report.add_report_parser,
 ]
 """Functions that each add one sub-command to the parser."""
 

@@ -57,7 +57,7 @@ import dataclasses
 import itertools
 import json
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -564,13 +564,3 @@ def _cmd_show(args: Any) -> int:
     for m in grid.matched:
         print(f"matched: {m.run_id} ~ {m.reference_run_id} by {m.by} (cost ratio {m.cost_ratio})")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m experiments grid ...`` without the rest of the CLI (used by tests)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m experiments")
-    add_grid_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))

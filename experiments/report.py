@@ -67,7 +67,6 @@ __all__ = [
     "cost_table",
     "matched_pairs",
     "write_report",
-    "main",
 ]
 
 #: Accuracy tolerance of the fair comparison, as a fraction (0.0039 = 0.39 points).
@@ -543,6 +542,7 @@ def plot_accuracy_robustness(records: Sequence[RunRecord], path: Path, title: st
     """Figure 3: clean accuracy and robustness R against training sigma, one line per
     augmentation level / regularizer alpha; the baseline as a dashed horizontal line."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -575,6 +575,10 @@ def plot_accuracy_robustness(records: Sequence[RunRecord], path: Path, title: st
             if r.method == "baseline":
                 ax.axhline(getattr(r, attr), color="black", ls="--", lw=1, label="baseline")
         ax.set_xscale("log")
+        train_sigmas = sorted({float(r.config["sigma"]) for r in records if r.method != "baseline"})
+        if train_sigmas:
+            ax.set_xticks(train_sigmas, [f"{s:g}" for s in train_sigmas])
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training sigma_x")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -963,13 +967,3 @@ def _cmd_report(args: Any) -> int:
     )
     print(f"wrote {path}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m experiments report ...`` without the rest of the CLI (used by tests)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m experiments")
-    add_report_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
