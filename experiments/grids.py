@@ -81,6 +81,7 @@ __all__ = [
     "load_grid_file",
     "list_presets",
     "matched_epochs",
+    "export_results",
 ]
 
 PAPER_AUGMENT_FOLDS: tuple[int, ...] = (2, 6, 11, 21)
@@ -463,6 +464,13 @@ def add_grid_parser(subparsers: Any) -> None:
     lst = sub.add_parser("list", help="list the presets")
     lst.set_defaults(func=_cmd_list)
 
+    export = sub.add_parser(
+        "export", help="copy the small result files (no checkpoints) of a results directory"
+    )
+    export.add_argument("results_dir")
+    export.add_argument("dest", help="destination folder (e.g. under docs/results/)")
+    export.set_defaults(func=_cmd_export)
+
     show = sub.add_parser("show", help="print a grid's expanded runs")
     show.add_argument("grid")
     show.set_defaults(func=_cmd_show)
@@ -546,6 +554,38 @@ def _cmd_status(args: Any) -> int:
                 print(f"  failed  {rid}: {err['error']} (attempts {err['attempts']})")
             except (OSError, ValueError, KeyError):
                 print(f"  failed  {rid}: unreadable error.json")
+    return 0
+
+
+EXPORTED_FILES = ("config.json", "results.json", "per_image.npz", "error.json")
+
+
+def export_results(results_dir: str | Path, dest: str | Path) -> list[Path]:
+    """Copy each run's small files (:data:`EXPORTED_FILES`, never checkpoints) to
+    ``dest/run_results/<run_id>/`` and the grid manifests to ``dest/grids/``.
+
+    The copy is what a report needs (``python -m experiments report DEST``) and small
+    enough to commit. Returns the copied paths.
+    """
+    import shutil
+
+    src, out = Path(results_dir), Path(dest)
+    copied = []
+    for rdir in sorted((src / "runs").glob("*")):
+        for name in EXPORTED_FILES:
+            if (rdir / name).is_file():
+                target = out / "run_results" / rdir.name / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                copied.append(Path(shutil.copy2(rdir / name, target)))
+    for manifest in sorted((src / "grids").glob("*.json")):
+        (out / "grids").mkdir(parents=True, exist_ok=True)
+        copied.append(Path(shutil.copy2(manifest, out / "grids" / manifest.name)))
+    return copied
+
+
+def _cmd_export(args: Any) -> int:
+    copied = export_results(args.results_dir, args.dest)
+    print(f"copied {len(copied)} files to {args.dest}")
     return 0
 
 

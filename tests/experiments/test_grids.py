@@ -35,12 +35,6 @@ from experiments.grids import (
 from experiments.report import collect_results, results_table
 
 REPO = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("MOMENTKIT_DATA", REPO.parent / "shared" / "data"))
-needs_mnist = pytest.mark.skipif(
-    not (DATA / "MNIST" / "raw").is_dir(),
-    reason=f"MNIST not found under {DATA}/MNIST/raw; set MOMENTKIT_DATA to the data root",
-)
-
 # a tiny real grid: 3 runs of 2 epochs on 300 MNIST images, seconds each on a CPU
 TINY_TOML = """
 name = "test-tiny"
@@ -461,20 +455,24 @@ def tiny_grid_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_grid_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(
+    tiny_grid_file: Path, tmp_path_factory: pytest.TempPathFactory, mnist_root: Path
+) -> Path:
     """The tiny grid run without interruption by the local executor with 2 workers."""
-    if not (DATA / "MNIST" / "raw").is_dir():
-        pytest.skip(f"MNIST not found under {DATA}/MNIST/raw; set MOMENTKIT_DATA")
     results = tmp_path_factory.mktemp("uninterrupted")
     grid = load_grid_file(tiny_grid_file)
     outcomes = executors.run_local(
-        grid.configs, results, workers=2, threads_per_worker=1, data_root=str(DATA), progress=False
+        grid.configs,
+        results,
+        workers=2,
+        threads_per_worker=1,
+        data_root=str(mnist_root),
+        progress=False,
     )
     assert sorted(o.status for o in outcomes) == ["done"] * 3, outcomes
     return results
 
 
-@needs_mnist
 def test_local_executor_with_two_workers(uninterrupted: Path, tiny_grid_file: Path) -> None:
     grid = load_grid_file(tiny_grid_file)
     assert executors.scan_states(uninterrupted) == {rid: "done" for rid in grid.run_ids()}
@@ -485,14 +483,13 @@ def test_local_executor_with_two_workers(uninterrupted: Path, tiny_grid_file: Pa
         assert res["run_id"] == rid and res["epochs_run"] == 2
 
 
-@needs_mnist
 def test_grid_killed_mid_run_resumes_to_the_same_table(
-    uninterrupted: Path, tiny_grid_file: Path, tmp_path: Path
+    uninterrupted: Path, tiny_grid_file: Path, tmp_path: Path, mnist_root: Path
 ) -> None:
     """Kill a `grid run` process (SIGKILL) right after the first epoch checkpoint of its
     first run, resume, and compare the final table with the uninterrupted grid."""
     results = tmp_path / "killed"
-    env = {**os.environ, "MOMENTKIT_DATA": str(DATA), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MOMENTKIT_DATA": str(mnist_root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "experiments", "grid", "run", str(tiny_grid_file)]
     cmd += ["--results-dir", str(results)]
     proc = subprocess.Popen(
@@ -528,7 +525,7 @@ def test_grid_killed_mid_run_resumes_to_the_same_table(
                     "--results-dir",
                     str(results),
                     "--data-root",
-                    str(DATA),
+                    str(mnist_root),
                 ]
             )
             == 0
@@ -539,16 +536,15 @@ def test_grid_killed_mid_run_resumes_to_the_same_table(
     assert _table(results) == _table(uninterrupted)
 
 
-@needs_mnist
 def test_ray_executor_on_a_tiny_grid(
-    uninterrupted: Path, tiny_grid_file: Path, tmp_path: Path
+    uninterrupted: Path, tiny_grid_file: Path, tmp_path: Path, mnist_root: Path
 ) -> None:
     ray = pytest.importorskip("ray", reason="Ray not installed (pip install 'momentkit[ray]')")
     grid = load_grid_file(tiny_grid_file)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         outcomes = executors.run_ray(
-            grid.configs[:1], tmp_path, cpus_per_run=1, data_root=str(DATA), progress=False
+            grid.configs[:1], tmp_path, cpus_per_run=1, data_root=str(mnist_root), progress=False
         )
     finally:
         ray.shutdown()
@@ -557,3 +553,21 @@ def test_ray_executor_on_a_tiny_grid(
     # Ray gives each 1-CPU task one thread, as the 2-worker run had: the same results
     expected = [row for row in _table(uninterrupted) if row[0] == grid.run_ids()[0]]
     assert _table(tmp_path) == expected
+
+
+def test_export_copies_results_but_not_checkpoints(tmp_path: Path) -> None:
+    configs = _small_grid()
+    results = tmp_path / "res"
+    executors.run_local(configs, results, train_fn=Recorder(), progress=False)
+    (executors.run_dir(results, configs[0]) / "checkpoint.pt").write_bytes(b"x" * 100)
+    write_manifest(load_grid("tiny"), results)
+    dest = tmp_path / "docs"
+    assert main(["grid", "export", str(results), str(dest)]) == 0
+    names = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    expected = [
+        f"run_results/{c.run_id()}/{f}"
+        for c in configs
+        for f in ("config.json", "per_image.npz", "results.json")
+    ]
+    assert names == sorted(expected + ["grids/tiny.json"])
+    assert sorted(r.run_id for r in collect_results(dest)) == sorted(c.run_id() for c in configs)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,6 @@ from experiments.report import (
     write_report,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-DATA = Path(os.environ.get("MOMENTKIT_DATA", REPO.parent / "shared" / "data"))
 EPS = np.finfo(np.float64).eps
 SIGMAS = np.linspace(0.0, 0.5, 5)
 N = 400  # test images of the synthetic runs
@@ -327,11 +324,7 @@ def test_report_of_an_empty_directory_is_an_error(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
-@pytest.mark.skipif(
-    not (DATA / "MNIST" / "raw").is_dir(),
-    reason=f"MNIST not found under {DATA}/MNIST/raw; set MOMENTKIT_DATA to the data root",
-)
-def test_report_command_on_a_real_tiny_grid(tmp_path: Path) -> None:
+def test_report_command_on_a_real_tiny_grid(tmp_path: Path, mnist_root: Path) -> None:
     spec = {
         "name": "report-tiny",
         "defaults": {
@@ -352,7 +345,9 @@ def test_report_command_on_a_real_tiny_grid(tmp_path: Path) -> None:
     }
     grid = expand_spec(spec)
     write_manifest(grid, tmp_path)
-    outcomes = executors.run_local(grid.configs, tmp_path, data_root=str(DATA), progress=False)
+    outcomes = executors.run_local(
+        grid.configs, tmp_path, data_root=str(mnist_root), progress=False
+    )
     assert [o.status for o in outcomes] == ["done"] * 3
     assert report_main(["report", str(tmp_path), "--bootstrap", "200"]) == 0
     out = tmp_path / "report"
