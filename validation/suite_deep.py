@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,9 +78,10 @@ def _rel(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (est - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
 
 
-def run(cfg: RunConfig) -> SuiteReport:
+def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
+    """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
-    g = grid(cfg.quick)
+    g = {**grid(cfg.quick), **(overrides or {})}
     dev = cfg.torch_device
     data: ImageData = load_mnist_subset(cfg.data_root, g["n_train"], 500, cfg.seed)
     report = SuiteReport(NAME, {"data": data.source, **{f"grid_{k}": v for k, v in g.items()}})

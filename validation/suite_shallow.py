@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,9 +79,10 @@ def random_input(
     return mean, corr * s.unsqueeze(-1) * s.unsqueeze(-2)
 
 
-def run(cfg: RunConfig) -> SuiteReport:
+def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
+    """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
-    g = grid(cfg.quick)
+    g = {**grid(cfg.quick), **(overrides or {})}
     report = SuiteReport(NAME, {f"grid_{k}": v for k, v in g.items()})
     gen = torch.Generator().manual_seed(cfg.seed)
     configs = list(itertools.product(g["n"], g["p"], g["sigma"], g["cov_kind"]))
