@@ -722,6 +722,29 @@ def _comparison_lines(name: str, iv: Mapping[str, Interval]) -> list[str]:
     ]
 
 
+def _against_baseline(
+    fc: FairComparison, records: Sequence[RunRecord], *, n_boot: int, level: float, seed: int
+) -> str:
+    """Markdown table: each run's accuracy and robustness differences to the baseline."""
+    rows = []
+    others = [r for r in records if r.run_id != fc.baseline.run_id]
+    for r in sorted(others, key=lambda r: (METHODS.index(r.method), r.label())):
+        iv = compare_records(r, fc.baseline, n_boot=n_boot, level=level, seed=seed)
+        rows.append(
+            [
+                r.label(),
+                f"{r.accuracy:.4f}",
+                iv["accuracy_diff"].fmt(2, pct=True),
+                f"{r.robustness:.4f}",
+                iv["robustness_diff"].fmt(4),
+                iv["robustness_ratio"].fmt(3),
+                "yes" if r.accuracy >= fc.threshold - 1e-12 else "no",
+            ]
+        )
+    header = ("run", "accuracy", "acc. - baseline (points)", "R", "R - baseline", "R / baseline")
+    return _md_table(header + ("qualifies",), rows)
+
+
 def write_report(
     results_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -822,7 +845,8 @@ def write_report(
             ]
             for name, iv in fc.comparisons.items():
                 md += _comparison_lines(name, iv)
-            md.append("")
+            md += ["", "Every run against the baseline (paired intervals):", ""]
+            md += [_against_baseline(fc, recs, n_boot=n_boot, level=level, seed=seed), ""]
             summary["settings"].append(
                 {
                     "setting": setting,

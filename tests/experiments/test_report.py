@@ -289,6 +289,11 @@ def test_write_report_on_synthetic_runs(synthetic, capsys: pytest.CaptureFixture
     text = (out / "report.md").read_text()
     assert f"Factor R(best moment) / R(best augment) = {0.99 / 0.921875:.4f}" in text
     assert "qualify (1 augmentation, 1 regularizer)" in text
+    # every run against the baseline: mom1 has one more correct image (+0.25 points), aug6
+    # has eight fewer (-2 points) and does not qualify
+    assert "| moment alpha=1 sigma=0.5 | 0.9025 | 0.25 [" in text
+    assert "| augment N~=6 sigma=0.5 | 0.8800 | -2.00 [" in text
+    assert text.count("| no |") == 2 and text.count("| yes |") == 2
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert [p.split("_")[0] for p in pngs] == ["accuracy", "compute", "fair"]
     with (out / "results.csv").open() as fh:
