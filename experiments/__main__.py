@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experiments import demo, grids, report
-from experiments.cli import add_runtime_args, format_robustness
+from experiments.cli import add_runtime_args, apply_runtime_args, format_robustness
 from experiments.config import METHODS, RunConfig
 from experiments.data import DATASETS, DatasetNotFoundError
 from experiments.models import MODELS
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the command; user errors print one line and return 2."""
     args = build_parser().parse_args(argv)
     try:
+        apply_runtime_args(args)
         return int(args.func(args) or 0)
     except (DatasetNotFoundError, CheckpointError, FileNotFoundError, ImportError,
             ValueError) as exc:

@@ -143,11 +143,9 @@ class RunConfig:
                         f"{name}: method 'baseline' takes {name}={neutral}, got {value}"
                     )
         elif self.method == "moment":
-            if self.sigma <= 0 or self.alpha <= 0:
-                raise ValueError(
-                    f"sigma, alpha: method 'moment' needs sigma > 0 and alpha > 0, got "
-                    f"sigma={self.sigma}, alpha={self.alpha}"
-                )
+            for name, value in (("sigma", self.sigma), ("alpha", self.alpha)):
+                if value <= 0:
+                    raise ValueError(f"{name}: method 'moment' needs {name} > 0, got {value}")
             if self.folds != 1:
                 raise ValueError(f"folds: method 'moment' takes folds=1, got {self.folds}")
         else:

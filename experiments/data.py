@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -308,10 +309,12 @@ def _image_folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 
 def decode_image_file(path: Path) -> torch.Tensor:
-    """Decode one JPEG/PNG file to a ``uint8`` RGB tensor ``(3, H, W)``."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """Decode one JPEG/PNG file to a ``uint8`` RGB tensor ``(3, H, W)`` (with Pillow)."""
+    from PIL import Image
 
-    return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 def load_image_folder(

@@ -1,0 +1,179 @@
+"""Tests of experiments.training: short real runs, resume after a crash, checkpoint errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments import training
+from experiments.config import RunConfig
+from experiments.training import (
+    RESULT_KEYS,
+    CheckpointError,
+    best_model_from_checkpoint,
+    default_sigmas,
+    evaluate_model,
+    load_checkpoint,
+    prepare_test_data,
+    run_training,
+)
+
+# Small enough for CI, large enough to clearly beat chance (0.1) after one epoch.
+SHORT = dict(dataset="mnist", model="lenet", epochs=1, train_subset=600, batch_size=20,
+             lr=1e-3, test_subset=200, eval_sigmas=4)
+METHODS = {
+    "baseline": {},
+    "moment": dict(sigma=0.5, alpha=1.0),
+    "augment": dict(sigma=0.5, folds=2),
+}
+
+
+@pytest.fixture(scope="module")
+def short_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for method, extra in METHODS.items():
+        config = RunConfig(method=method, **SHORT, **extra)
+        runs[method] = (config, out / method,
+                        run_training(config, out / method, data_root=mnist_root, progress=False))
+    return runs
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_short_run_learns_and_writes_results(short_runs: dict, method: str) -> None:
+    config, out, results = short_runs[method]
+    assert results["test_accuracy"] > 0.5
+    assert set(RESULT_KEYS) <= set(results)
+    assert results["run_id"] == config.run_id() and results["config"] == config.to_dict()
+    assert results["epochs_run"] == 1 and results["best_epoch"] == 1
+    assert results["gradient_steps"] == 27 * (config.folds if method == "augment" else 1)
+    entry = results["history"][0]
+    assert {"train_loss", "val_loss", "val_accuracy", "lr", "seconds"} <= set(entry)
+    assert entry["lr"] == 1e-3 and np.isfinite(entry["val_loss"])
+    rob = results["robustness"]
+    assert len(rob["sigmas"]) == len(rob["curve"]) == 4 and rob["curve"][0] == 1.0
+    assert rob["ci"][0] <= rob["auc"] <= rob["ci"][1]
+    assert json.loads((out / "results.json").read_text()) == results
+    with np.load(out / "per_image.npz") as per_image:
+        assert per_image["correct"].shape == (200,) and per_image["correct"].dtype == bool
+        assert per_image["robust"].shape == (4, 200) and per_image["robust"].dtype == bool
+        assert per_image["correct"].mean() == pytest.approx(results["test_accuracy"])
+
+
+def test_finished_run_is_returned_without_work(
+    short_runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, out, results = short_runs["baseline"]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished run must not load data or train again")
+
+    monkeypatch.setattr(training, "prepare_data", fail)
+    assert run_training(config, out, progress=False) == results
+
+
+def test_evaluate_model_reproduces_the_results(short_runs: dict, mnist_root: Path) -> None:
+    config, out, results = short_runs["moment"]
+    _, model = best_model_from_checkpoint(load_checkpoint(out / "checkpoint.pt"))
+    evaluation = evaluate_model(
+        model, prepare_test_data(config, mnist_root), sigmas=default_sigmas(config.eval_sigmas)
+    )
+    assert evaluation["test_accuracy"] == results["test_accuracy"]
+    assert evaluation["robustness"] == results["robustness"]
+
+
+def test_other_results_in_out_dir_are_refused(short_runs: dict) -> None:
+    config, out, _ = short_runs["baseline"]
+    other = RunConfig.from_dict({**config.to_dict(), "seed": 1})
+    with pytest.raises(ValueError, match="another run"):
+        run_training(other, out, progress=False)
+
+
+# ------------------------------------------------------------------------ resume
+
+TINY = dict(dataset="mnist", model="lenet", method="baseline", train_subset=300,
+            batch_size=30, lr=1e-3, test_subset=50, eval_sigmas=3)
+
+
+def _comparable(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert _comparable(ra["history"]) == _comparable(rb["history"])
+    assert ra["test_accuracy"] == rb["test_accuracy"] and ra["robustness"] == rb["robustness"]
+    assert ra["gradient_steps"] == rb["gradient_steps"]
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    for key in ca["model"]:
+        assert torch.equal(ca["model"][key], cb["model"][key]), key
+    for key, state in ca["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], cb["optimizer"]["state"][key]["exp_avg"])
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(
+    mnist_root: Path, tmp_path: Path
+) -> None:
+    two = RunConfig(epochs=2, **TINY)
+    run_training(two, tmp_path / "straight", data_root=mnist_root, progress=False)
+
+    # 1) a run with epochs=1, then the same run extended to epochs=2
+    run_training(RunConfig(epochs=1, **TINY), tmp_path / "extended", data_root=mnist_root,
+                 progress=False)
+    run_training(two, tmp_path / "extended", data_root=mnist_root, progress=False)
+    _assert_same_run(tmp_path / "straight", tmp_path / "extended")
+
+    # 2) a crash right after epoch 1's checkpoint, then a plain restart
+    def crash(epoch: int, entry: dict) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(two, tmp_path / "crashed", data_root=mnist_root, progress=False,
+                     on_epoch_end=crash)
+    assert not (tmp_path / "crashed" / "results.json").exists()
+    assert load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["epoch"] == 1
+    run_training(two, tmp_path / "crashed", data_root=mnist_root, progress=False)
+    _assert_same_run(tmp_path / "straight", tmp_path / "crashed")
+
+    # a checkpoint of another run is refused and left as it was
+    (tmp_path / "other").mkdir()
+    shutil.copy(tmp_path / "straight" / "checkpoint.pt", tmp_path / "other" / "checkpoint.pt")
+    before = (tmp_path / "other" / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match="another run"):
+        run_training(RunConfig(epochs=2, **{**TINY, "seed": 1}), tmp_path / "other",
+                     data_root=mnist_root, progress=False)
+    assert (tmp_path / "other" / "checkpoint.pt").read_bytes() == before
+    # and one with more epochs than asked for as well
+    with pytest.raises(CheckpointError, match="more than epochs=1"):
+        run_training(RunConfig(epochs=1, **TINY), tmp_path / "other", data_root=mnist_root,
+                     progress=False)
+
+
+def test_corrupt_checkpoint_is_reported_and_left_intact(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"\x00garbage, not a checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        run_training(RunConfig(epochs=1, **TINY), tmp_path, progress=False)
+    assert str(path) in str(info.value) and "untouched" in str(info.value)
+    assert path.read_bytes() == b"\x00garbage, not a checkpoint"
+
+
+def test_checkpoint_without_training_state_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="not a momentkit training checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None,
+                    reason="tensorboard is installed; the missing-package error cannot occur")
+def test_tensorboard_missing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ImportError, match="pip install 'momentkit\\[tensorboard\\]'"):
+        run_training(RunConfig(epochs=1, **TINY), tmp_path, progress=False, tensorboard=True)
