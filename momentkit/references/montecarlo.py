@@ -525,8 +525,10 @@ def monte_carlo_moments(
             (``n_samples`` must be even; ``n_samples / 2`` pair averages are the
             i.i.d. samples behind ``stderr``). The mean stays unbiased, and for small
             noise the linear term cancels in every pair, so the variance falls from
-            ``O(var)`` to ``O(var^2)``: what resolves approximation errors of order
-            ``var`` at small noise. Not with ``compute_cov``.
+            ``O(var)`` to ``O(var^2)``. Caveat: for ReLU networks the pair average
+            is exactly ``fn(mean)`` until a sample crosses a kink, so the standard
+            error cannot account for kinks that no sample reached; treat it as a
+            lower bound at small noise. Not with ``compute_cov``.
 
     Returns:
         :class:`MonteCarloResult`: ``mean``/``stderr`` ``(P, *out_shape)``,

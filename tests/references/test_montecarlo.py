@@ -261,3 +261,18 @@ def test_module_estimator_on_cuda_matches_theorem_1():
     exact = affine_relu_affine_mean(x, torch.full_like(x, 0.5), W1, b1, W2, b2)
     assert res.mean.device.type == "cuda"
     _assert_within(res.mean, res.stderr, exact, "mean")
+
+
+def test_antithetic_pairs_are_unbiased_and_reduce_the_error():
+    """sigma = 1 with pre-activations near 0: kinks are crossed by most samples, so the
+    pair-based standard error is reliable and the 5-standard-error test applies."""
+    net = _ara_module(4, 6, 2)
+    W1, b1, W2, b2 = (t.detach() for t in net.parameters())
+    x = torch.zeros(2, 4, dtype=F64)
+    exact = affine_relu_affine_mean(x, torch.ones_like(x), W1, b1, W2, b2)
+    anti = monte_carlo_moments(net, x, 1.0, 40_000, seed=2, antithetic=True)
+    plain = monte_carlo_moments(net, x, 1.0, 40_000, seed=2)
+    _assert_within(anti.mean, anti.stderr, exact, "antithetic mean")
+    assert anti.n_samples == 40_000 and bool((anti.stderr < plain.stderr).all())
+    with pytest.raises(MomentInputError, match="antithetic"):
+        monte_carlo_moments(net, x, 1.0, 41, antithetic=True)

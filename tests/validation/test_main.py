@@ -1,0 +1,34 @@
+"""The ``python -m validation`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from validation import __main__ as cli
+from validation import suite_covariance
+
+
+def test_unknown_suite_and_bad_seed_are_rejected(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["nonsense"])
+    assert "unknown suite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["shallow", "--seed", "-1"])
+
+
+def test_unusable_device_is_reported(tmp_path: Path, capsys):
+    assert cli.main(["covariance", "--device", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
+def test_runs_a_suite_and_writes_its_files(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(
+        suite_covariance, "grid", lambda quick: {"means": [0.0], "rhos": [0.5], "n_samples": 2000}
+    )
+    assert cli.main(["covariance", "--out", str(tmp_path), "--seed", "4", "--no-progress"]) == 0
+    for ext in ("csv", "png", "md"):
+        assert (tmp_path / f"covariance.{ext}").is_file()
+    lines = (tmp_path / "covariance.csv").read_text().splitlines()
+    assert "# seed: 4" in lines and "# quick: False" in lines
