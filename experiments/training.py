@@ -504,94 +504,99 @@ def run_training(
         train_time = float(state.get("train_time_s", 0.0))
         steps = int(state.get("gradient_steps", 0))
         past_wall = float(state.get("wall_time_s", 0.0))
-        if "rng_cpu" in state:
-            torch.set_rng_state(state["rng_cpu"])
 
     batches_per_epoch = math.ceil(
         len(data.train) * (config.folds if config.method == "augment" else 1)
         / preset.batch_size
     )
-    while epoch < config.epochs and not stop["stopped"]:
-        epoch += 1
-        epoch_start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        moment_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        bar = tqdm(
-            _train_batches(config, data.train, preset.batch_size, epoch),
-            total=batches_per_epoch,
-            desc=f"{config.method} epoch {epoch}/{config.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for x, y in bar:
-            optimizer.zero_grad(set_to_none=True)
-            loss, moment_term = _batch_loss(model, config, x, y)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            loss_sum += loss.detach().double() * y.shape[0]
-            if moment_term is not None:
-                moment_sum += moment_term.double() * y.shape[0]
-            seen += y.shape[0]
-        bar.close()
-        val_loss, val_acc = _validate(model, data.val)
-        scheduler.step(val_loss)
-        if val_loss < stop["best_val_loss"]:
-            stop.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
-            best_state = None  # the current model is the best one
+    # The global CPU generator is forked: seeded from the config on a fresh run, restored
+    # from the checkpoint on a resumed one, and the caller's state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        if state is not None and "rng_cpu" in state:
+            torch.set_rng_state(state["rng_cpu"])
         else:
-            stop["bad_epochs"] += 1
-            if stop["bad_epochs"] >= preset.loss_patience:
-                stop["stopped"] = True
-        seconds = time.perf_counter() - epoch_start
-        train_time += seconds
-        entry = {
-            "epoch": epoch,
-            "train_loss": float(loss_sum) / seen,
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "lr": lr,
-            "seconds": seconds,
-        }
-        if config.method == "moment":
-            entry["train_moment_loss"] = float(moment_sum) / seen
-        history.append(entry)
-        if progress:
-            tqdm.write(
-                f"[{config.method}] epoch {epoch}: train loss {entry['train_loss']:.4f}, "
-                f"val loss {val_loss:.4f}, val acc {val_acc:.4f}, lr {lr:.3g}, {seconds:.1f}s"
+            torch.manual_seed(config.seed)
+        while epoch < config.epochs and not stop["stopped"]:
+            epoch += 1
+            epoch_start = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            moment_sum = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            bar = tqdm(
+                _train_batches(config, data.train, preset.batch_size, epoch),
+                total=batches_per_epoch,
+                desc=f"{config.method} epoch {epoch}/{config.epochs}",
+                disable=not progress,
+                leave=False,
             )
-        if writer is not None:
-            for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
-                writer.add_scalar(key, entry[key], epoch)
-        model_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        snapshot = {
-            "format": CHECKPOINT_FORMAT,
-            "config": config.to_dict(),
-            "training_key": config.training_key(),
-            "version": package_version(),
-            "epoch": epoch,
-            "model": model_state,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "early_stopping": dict(stop),
-            "history": history,
-            "best_state": best_state,
-            "rng_cpu": torch.get_rng_state(),
-            "train_time_s": train_time,
-            "gradient_steps": steps,
-            "wall_time_s": past_wall + time.perf_counter() - start,
-        }
-        _write_atomic(ckpt_path, lambda h, s=snapshot: torch.save(s, h))
-        # ``best_state`` None in a checkpoint means "the model is the best one"; in
-        # memory the best weights must survive the next epoch's updates
-        if best_state is None:
-            best_state = model_state
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, entry)
+            for x, y in bar:
+                optimizer.zero_grad(set_to_none=True)
+                loss, moment_term = _batch_loss(model, config, x, y)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += loss.detach().double() * y.shape[0]
+                if moment_term is not None:
+                    moment_sum += moment_term.double() * y.shape[0]
+                seen += y.shape[0]
+            bar.close()
+            val_loss, val_acc = _validate(model, data.val)
+            scheduler.step(val_loss)
+            if val_loss < stop["best_val_loss"]:
+                stop.update(best_val_loss=val_loss, best_epoch=epoch, bad_epochs=0)
+                best_state = None  # the current model is the best one
+            else:
+                stop["bad_epochs"] += 1
+                if stop["bad_epochs"] >= preset.loss_patience:
+                    stop["stopped"] = True
+            seconds = time.perf_counter() - epoch_start
+            train_time += seconds
+            entry = {
+                "epoch": epoch,
+                "train_loss": float(loss_sum) / seen,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": lr,
+                "seconds": seconds,
+            }
+            if config.method == "moment":
+                entry["train_moment_loss"] = float(moment_sum) / seen
+            history.append(entry)
+            if progress:
+                tqdm.write(
+                    f"[{config.method}] epoch {epoch}: train loss {entry['train_loss']:.4f}, "
+                    f"val loss {val_loss:.4f}, val acc {val_acc:.4f}, lr {lr:.3g}, {seconds:.1f}s"
+                )
+            if writer is not None:
+                for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+                    writer.add_scalar(key, entry[key], epoch)
+            model_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            snapshot = {
+                "format": CHECKPOINT_FORMAT,
+                "config": config.to_dict(),
+                "training_key": config.training_key(),
+                "version": package_version(),
+                "epoch": epoch,
+                "model": model_state,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "early_stopping": dict(stop),
+                "history": history,
+                "best_state": best_state,
+                "rng_cpu": torch.get_rng_state(),
+                "train_time_s": train_time,
+                "gradient_steps": steps,
+                "wall_time_s": past_wall + time.perf_counter() - start,
+            }
+            _write_atomic(ckpt_path, lambda h, s=snapshot: torch.save(s, h))
+            # ``best_state`` None in a checkpoint means "the model is the best one"; in
+            # memory the best weights must survive the next epoch's updates
+            if best_state is None:
+                best_state = model_state
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, entry)
     if writer is not None:
         writer.close()
 

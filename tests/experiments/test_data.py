@@ -181,3 +181,11 @@ def test_iterate_batches_visits_every_image_once_as_floats() -> None:
 def test_image_set_rejects_float_images() -> None:
     with pytest.raises(ValueError, match="images"):
         ImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
+
+
+def test_incomplete_torchvision_cifar_folder_is_reported(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(b"truncated download")
+    with pytest.raises(DatasetNotFoundError, match="incomplete or corrupted"):
+        load_dataset("cifar100", tmp_path, cache_dir=tmp_path / "cache")
