@@ -10,14 +10,15 @@ forward passes; here the Monte Carlo standard error is the accuracy reported.
 
 Time is wall clock (best of a few runs for anything under a second). Peak memory is
 the largest resident-set growth during the call, sampled every millisecond by a
-background thread (on CUDA: ``torch.cuda.max_memory_allocated``); allocator caching
-makes small values noisy, large ones are reliable. The ``samples_for_target`` and
-``seconds_for_target`` columns extrapolate Monte Carlo to a standard error of
-``target`` (``stderr ~ 1/sqrt(N)``).
+background thread, after returning freed heap memory to the system (on CUDA:
+``torch.cuda.max_memory_allocated``); values below about 1 MiB are noise. The
+``samples_for_target`` and ``seconds_for_target`` columns extrapolate Monte Carlo to
+a standard error of ``target`` (``stderr ~ 1/sqrt(N)``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -59,9 +60,22 @@ def grid(quick: bool) -> dict[str, Any]:
         "sigma": 0.5,
         "mc_samples": [1000, 10_000, 100_000, 1_000_000],
         "lenet_width": 1.0,
-        "lenet_mc_samples": [1000, 10_000, 100_000],
+        "lenet_mc_samples": [1000, 10_000, 30_000],
         "target": TARGET,
     }
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the system (glibc), so that resident-set growth
+    measures new allocations rather than reuse of memory freed earlier. Also fixes
+    glibc's mmap threshold at 128 KiB (it otherwise grows up to 32 MiB after large
+    frees, and such buffers then stay resident). A no-op on other C libraries."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss() -> int:
@@ -72,6 +86,7 @@ def _rss() -> int:
 def measure(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> tuple[float, int, Any]:
     """``(seconds, peak bytes, result)`` of ``fn()``; seconds is the best of ``repeat``."""
     gc.collect()
+    _release_freed_memory()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

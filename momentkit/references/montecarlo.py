@@ -220,6 +220,17 @@ def _accumulate(z, offsets, offset, s1, s2d, s11, s21, s22, mode):  # pragma: no
             s22[s] += b22
 
 
+def _zero_sums(lead: int, d: int, dc: int, d4: int) -> tuple[np.ndarray, ...]:
+    """Zeroed ``(sum z, sum z^2, sum z z^T, sum z_i^2 z_j, sum z_i^2 z_j^2)``."""
+    return (
+        np.zeros((lead, d)),
+        np.zeros((lead, d)),
+        np.zeros((lead, dc, dc)),
+        np.zeros((lead, d4, d4)),
+        np.zeros((lead, d4, d4)),
+    )
+
+
 def _affine_relu_affine_sums(
     mean: np.ndarray,
     factor: np.ndarray,
@@ -260,23 +271,11 @@ def _affine_relu_affine_sums(
     zbuf = np.empty((rows, d))
     counts = np.full(n_streams, n_samples // n_streams, dtype=np.int64)
     counts[: n_samples % n_streams] += 1
-    out = (
-        np.zeros((P, d)),
-        np.zeros((P, d)),
-        np.zeros((P, dc, dc)),
-        np.zeros((P, d4, d4)),
-        np.zeros((P, d4, d4)),
-    )
+    out = _zero_sums(P, d, dc, d4)
     dummy = np.zeros(n)
     for pt in range(P):
         states, spare = _init_streams(np.uint64(seed), pt, n_streams)
-        acc = (
-            np.zeros((n_streams, d)),
-            np.zeros((n_streams, d)),
-            np.zeros((n_streams, dc, dc)),
-            np.zeros((n_streams, d4, d4)),
-            np.zeros((n_streams, d4, d4)),
-        )
+        acc = _zero_sums(n_streams, d, dc, d4)
         offset = c2 - shift[pt]
         done = 0
         while done < counts[0]:
