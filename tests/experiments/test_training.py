@@ -177,3 +177,24 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path: Path) -> None:
 def test_tensorboard_missing_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ImportError, match="pip install 'momentkit\\[tensorboard\\]'"):
         run_training(RunConfig(epochs=1, **TINY), tmp_path, progress=False, tensorboard=True)
+
+
+def test_alexnet_on_a_tiny_cifar10_tree_runs_end_to_end(data_root: Path, tmp_path: Path) -> None:
+    # 3-channel data, the SGD preset and the moment loss through AlexNet: a smoke test of
+    # the plumbing (20 images cannot test learning)
+    source = data_root / "cifar10-jpeg"
+    if not source.is_dir():
+        pytest.skip(f"cifar10-jpeg not found under {data_root}")
+    for split in ("train", "test"):
+        for cls in sorted(p.name for p in (source / split).iterdir()):
+            (tmp_path / "data" / "cifar10-jpeg" / split / cls).mkdir(parents=True)
+            first = sorted((source / split / cls).iterdir())[:2]
+            for path in first:
+                shutil.copy(path, tmp_path / "data" / "cifar10-jpeg" / split / cls / path.name)
+    config = RunConfig("cifar10", "alexnet", "moment", sigma=0.25, alpha=1.0, epochs=1,
+                       batch_size=8, lr=0.01, eval_sigmas=3)
+    results = run_training(config, tmp_path / "run", data_root=tmp_path / "data",
+                           progress=False)
+    assert results["n_test"] == 20 and results["gradient_steps"] == 3  # 18 images / 8
+    assert np.isfinite(results["history"][0]["train_loss"])
+    assert results["history"][0]["train_moment_loss"] > 0
