@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from scipy import stats
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from momentkit.errors import MomentInputError
@@ -200,7 +201,21 @@ def _standard_normals(
     return rows[offset : offset + stop - start]
 
 
+def _n_batches(data: torch.Tensor | Iterable, batch_size: int) -> int | None:
+    if isinstance(data, torch.Tensor):
+        return math.ceil(data.shape[0] / batch_size)
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _batches(data: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.Tensor]:
+    if isinstance(data, Dataset):
+        raise MomentInputError(
+            "data: got a Dataset, whose items are single images; pass a DataLoader "
+            "(shuffle=False) or a tensor of inputs"
+        )
     if isinstance(data, torch.Tensor):
         for start in range(0, data.shape[0], batch_size):
             yield data[start : start + batch_size]
@@ -303,7 +318,9 @@ def gaussian_robustness(
     start = 0
     try:
         with torch.no_grad():
-            for x in tqdm(_batches(data, batch_size), disable=not progress, desc="robustness"):
+            batches = tqdm(_batches(data, batch_size), total=_n_batches(data, batch_size),
+                           disable=not progress, desc="robustness")
+            for x in batches:
                 if event is None:
                     event = tuple(x.shape[1:])
                 if x.dim() < 2 or tuple(x.shape[1:]) != event or not x.is_floating_point():

@@ -298,6 +298,8 @@ def test_bad_data_raises() -> None:
         gaussian_robustness(model, [x[:2], x[2:].reshape(3, 20)])
     with pytest.raises(MomentInputError, match="model"):
         gaussian_robustness(SumAll(), x)
+    with pytest.raises(MomentInputError, match="DataLoader"):
+        gaussian_robustness(model, TensorDataset(x, torch.zeros(5)))
 
 
 class SumAll(nn.Module):

@@ -1,0 +1,427 @@
+"""Cost of one training step: plain vs moment-regularized vs noisy augmentation (LeNet, MNIST).
+
+Three ways to train the paper's LeNet on MNIST (``experiments.models.lenet``), each
+timed per mini-batch (forming the batch, forward, backward, Adam step) on the same
+model, interleaved round by round so that a busy machine slows all three alike:
+
+* ``plain``: ``CE(Phi(x), y)`` on clean batches;
+* ``moment``: ``CE(Phi(x), y) + alpha CE(Omega(mu3), y)``
+  (:func:`momentkit.regularizer.moment_regularized_loss`);
+* ``augment``: ``CE(Phi(x~), y)`` on batches of :func:`experiments.augment.augmented_batches`
+  (``folds``-fold augmentation: clean images and noisy copies, noise drawn per batch).
+
+Reported: the median time per step of each, the ratio ``moment / plain`` (the
+requirement is at most 2.5), the time of one epoch over the 90 % training split
+(``ceil(n / batch)`` steps for plain and moment, ``folds`` times as many for
+augmentation; extrapolated from the step times, not run), and the peak memory of
+each method, measured in a fresh subprocess per method (peak RSS from
+``resource.getrusage`` on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
+``--profile`` adds a profile of the regularized step. ``--naive-relu-mean`` adds a
+diagnostic fourth method, ``moment_naive``: the same regularized step with
+:func:`momentkit.relu.relu_mean` swapped for a plain float32 formula with no guards
+(:func:`naive_relu_mean`), to show how much of the step's cost is the rectified
+Gaussian mean; it is not a method to train with.
+
+Results go to a JSON file whose ``config`` records the arguments, the versions and the
+machine. Run by hand, never in CI::
+
+    MOMENTKIT_DATA=../shared/data python benchmarks/bench_train_step.py --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from experiments.augment import augmented_batches
+from experiments.data import ImageSet, iterate_batches, load_dataset
+from experiments.models import lenet
+from momentkit import regularizer
+from momentkit.regularizer import moment_regularized_loss
+
+METHODS = ("plain", "moment", "augment")
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _NaiveReluMean(torch.autograd.Function):
+    """``mu Phi(z) + s phi(z)``, ``z = mu / s``, in the input dtype; needs ``s > 0``."""
+
+    @staticmethod
+    def forward(ctx, mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        z = mu / s
+        cdf = torch.special.ndtr(z)
+        pdf = z.square_().mul_(-0.5).exp_().mul_(1.0 / math.sqrt(2.0 * math.pi))
+        ctx.save_for_backward(cdf, pdf)
+        ctx.s_shape = s.shape
+        return torch.addcmul(mu * cdf, s, pdf)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cdf, pdf = ctx.saved_tensors
+        return grad * cdf, (grad * pdf).sum_to_size(ctx.s_shape)
+
+
+def naive_relu_mean(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Diagnostic stand-in for :func:`momentkit.relu.relu_mean` (no checks, no tails)."""
+    return _NaiveReluMean.apply(mean, var.sqrt())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=None,
+                   help="data root holding MNIST/raw (default: $MOMENTKIT_DATA)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="uniform random images instead of MNIST (changes the cost of the "
+                        "rectified-Gaussian mean, which depends on the data)")
+    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--sigma", type=float, default=0.5, help="training noise std (pixels)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--folds", type=int, default=21, help="augmentation folds N~")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps per memory subprocess")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="profile the regularized step")
+    p.add_argument("--naive-relu-mean", action="store_true",
+                   help="also time the regularized step with a naive float32 relu_mean")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--output", default=str(REPO / "out" / "bench_train_step.json"))
+    p.add_argument("--worker", choices=METHODS, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def load_train(args: argparse.Namespace) -> tuple[ImageSet, int]:
+    """The training images (uint8) and the size of the 90 % training split."""
+    if args.synthetic:
+        gen = torch.Generator().manual_seed(args.seed)
+        images = torch.randint(0, 256, (60000, 1, 28, 28), generator=gen, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (60000,), generator=gen)
+        train = ImageSet(images, labels)
+    else:
+        train = load_dataset("mnist", args.data_root).train
+    return train, len(train) - round(0.1 * len(train))
+
+
+def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches as the method's training loop forms them (epoch after epoch)."""
+    epoch = 0
+    while True:
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        if method == "augment":
+            yield from augmented_batches(train, args.batch_size, args.folds, args.sigma,
+                                         args.seed, gen)
+        else:
+            yield from iterate_batches(train, args.batch_size, generator=gen)
+        epoch += 1
+
+
+def make_step(method: str, model: nn.Module, opt: torch.optim.Optimizer,
+              batches: Iterator, args: argparse.Namespace, device: torch.device
+              ) -> Callable[[], None]:
+    def step() -> None:
+        x, y = next(batches)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        if method == "moment":
+            loss = moment_regularized_loss(model, x, y, args.sigma, args.alpha)[0]
+        elif method == "moment_naive":
+            real = regularizer.relu_mean
+            regularizer.relu_mean = naive_relu_mean
+            try:
+                loss = moment_regularized_loss(model, x, y, args.sigma, args.alpha)[0]
+            finally:
+                regularizer.relu_mean = real
+        else:
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def setup(args: argparse.Namespace, train: ImageSet, device: torch.device):
+    torch.manual_seed(args.seed)
+    train = train.to(device)
+    model = lenet("mnist").to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    methods = (*METHODS, "moment_naive") if args.naive_relu_mean else METHODS
+    steps = {m: make_step(m, model, opt, batch_stream(m, train, args), args, device)
+             for m in methods}
+    return model, steps
+
+
+def time_steps(args: argparse.Namespace, train: ImageSet, device: torch.device
+               ) -> dict[str, list[float]]:
+    _, steps = setup(args, train, device)
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    rounds = args.warmup + args.repeats
+    for r in tqdm(range(rounds), desc="timing rounds"):
+        for method in steps:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[method]()
+            sync(device)
+            if r >= args.warmup:
+                times[method].append(time.perf_counter() - t0)
+    return times
+
+
+def proc_status_kb(key: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), None if unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux only)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run a few steps of one method and print its peak memory as JSON.
+
+    Loading the data set has a peak of its own, so the peak-RSS mark is reset after
+    the setup (Linux ``/proc/self/clear_refs``) and the peak of the steps is read from
+    ``VmHWM``. Where that is unavailable, the process-lifetime ``ru_maxrss`` of
+    ``resource.getrusage`` is reported instead (it includes the setup).
+    """
+    device = torch.device(args.device)
+    train, _ = load_train(args)
+    _, steps = setup(args, train, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before_kb = proc_status_kb("VmRSS")
+    reset = reset_peak_rss()
+    for _ in range(args.memory_steps):
+        steps[args.worker]()
+    sync(device)
+    peak_kb = proc_status_kb("VmHWM") if reset else None
+    out = {
+        "method": args.worker,
+        "rss_before_steps_mib": before_kb / 1024 if before_kb is not None else None,
+        "peak_rss_mib": (peak_kb if peak_kb is not None
+                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024,
+        "peak_rss_source": "VmHWM after reset" if peak_kb is not None else "ru_maxrss",
+    }
+    if device.type == "cuda":
+        out["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    print(json.dumps(out))
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
+    results = {}
+    for method in tqdm(METHODS, desc="memory subprocesses"):
+        cmd = [sys.executable, __file__, "--worker", method, "--device", args.device,
+               "--seed", str(args.seed), "--batch-size", str(args.batch_size),
+               "--sigma", str(args.sigma), "--alpha", str(args.alpha),
+               "--folds", str(args.folds), "--memory-steps", str(args.memory_steps)]
+        if args.data_root:
+            cmd += ["--data-root", args.data_root]
+        if args.synthetic:
+            cmd.append("--synthetic")
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory worker {method} failed:\n{done.stderr}")
+        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def profile_moment_step(args: argparse.Namespace, train: ImageSet, device: torch.device
+                        ) -> dict:
+    """Self time per operator over a few regularized steps, and a phase breakdown."""
+    from momentkit.regularizer import _cached_split, input_variance
+    from momentkit.relu import relu_mean
+
+    model, steps = setup(args, train, device)
+    for _ in range(args.warmup):
+        steps["moment"]()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            steps["moment"]()
+        sync(device)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+
+    # relu_mean alone (forward + backward) on the real pre-activation of one batch.
+    x, _ = next(iterate_batches(train.to(device), args.batch_size))
+    upsilon, _ = _cached_split(model)
+    with torch.no_grad():
+        pre = upsilon(x)
+        var = upsilon.variance(input_variance(args.sigma, x))
+    z = (pre / var.sqrt()).abs()
+    tail_fraction = float((z > 3).double().mean())
+
+    def relu_mean_fwd_bwd() -> None:
+        p = pre.detach().requires_grad_()
+        v = var.detach().requires_grad_()
+        relu_mean(p, v).sum().backward()
+
+    def relu_fwd_bwd() -> None:
+        p = pre.detach().requires_grad_()
+        torch.relu(p).sum().backward()
+
+    timings = {}
+    for name, fn in (("relu_mean_fwd_bwd_s", relu_mean_fwd_bwd), ("relu_fwd_bwd_s", relu_fwd_bwd)):
+        fn()
+        runs = []
+        for _ in range(5):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            runs.append(time.perf_counter() - t0)
+        timings[name] = statistics.median(runs)
+    return {"table": table, "pre_activation_shape": list(pre.shape),
+            "fraction_abs_z_above_3": tail_fraction, **timings}
+
+
+def machine_info(device: torch.device) -> dict:
+    from experiments.training import package_version
+
+    info = {
+        "momentkit_version": package_version(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+            check=True).stdout.strip()
+        info["git_dirty_files"] = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = "unknown"
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f
+                                   if ln.startswith("model name"))
+        except (OSError, StopIteration):
+            info["cpu"] = platform.processor()
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
+    device = torch.device(args.device)
+    info = machine_info(device)  # before the run: the code state that was imported
+    train, n_train = load_train(args)
+    times = time_steps(args, train, device)
+    median = {m: statistics.median(t) for m, t in times.items()}
+    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    epoch = {
+        "plain": steps_per_epoch * median["plain"],
+        "moment": steps_per_epoch * median["moment"],
+        "augment": args.folds * steps_per_epoch * median["augment"],
+    }
+    results: dict = {
+        "step_seconds": times,
+        "median_step_seconds": median,
+        "step_ratio_moment_over_plain": median["moment"] / median["plain"],
+        "step_ratio_moment_over_plain_min": min(times["moment"]) / min(times["plain"]),
+        "step_ratio_moment_over_plain_per_round": [
+            m / p for m, p in zip(times["moment"], times["plain"], strict=True)],
+        "step_ratio_augment_over_plain": median["augment"] / median["plain"],
+        "epoch_seconds_extrapolated": epoch,
+        "epoch_ratio_augment_over_moment": epoch["augment"] / epoch["moment"],
+        "epoch_ratio_moment_over_plain": epoch["moment"] / epoch["plain"],
+    }
+    if args.naive_relu_mean:
+        results["step_ratio_moment_naive_over_plain"] = median["moment_naive"] / median["plain"]
+        results["step_ratio_moment_naive_over_plain_per_round"] = [
+            m / p for m, p in zip(times["moment_naive"], times["plain"], strict=True)]
+    if not args.no_memory:
+        results["memory"] = measure_memory(args)
+    if args.profile:
+        prof = profile_moment_step(args, train, device)
+        print(prof.pop("table"))
+        results["profile"] = prof
+    config = {**{k: v for k, v in vars(args).items() if k != "worker"},
+              "n_train": n_train, "steps_per_epoch": steps_per_epoch,
+              **info}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
+    print(f"\nLeNet/MNIST training step, batch {args.batch_size}, device {device}, "
+          f"{torch.get_num_threads()} threads; medians of {args.repeats} interleaved rounds")
+    for m in METHODS:
+        print(f"  {m:8s} step {median[m]:8.3f} s   epoch (extrapolated) {epoch[m]:9.1f} s")
+    if args.naive_relu_mean:
+        naive = sorted(results["step_ratio_moment_naive_over_plain_per_round"])
+        print(f"  diagnostic: moment step with a naive float32 relu_mean "
+              f"{median['moment_naive']:.3f} s, ratio to plain "
+              f"{results['step_ratio_moment_naive_over_plain']:.2f} (per "
+              f"round {naive[0]:.2f} to {naive[-1]:.2f}, median {statistics.median(naive):.2f})")
+    per_round = sorted(results["step_ratio_moment_over_plain_per_round"])
+    print(f"  moment/plain step ratio {results['step_ratio_moment_over_plain']:.2f} "
+          f"(ratio of minima {results['step_ratio_moment_over_plain_min']:.2f}; per round "
+          f"{per_round[0]:.2f} to {per_round[-1]:.2f}, median "
+          f"{statistics.median(per_round):.2f}); "
+          f"{args.folds}-fold augmentation epoch / moment epoch "
+          f"{results['epoch_ratio_augment_over_moment']:.1f}")
+    for m, mem in results.get("memory", {}).items():
+        line = (f"  {m:8s} peak RSS {mem['peak_rss_mib']:8.0f} MiB "
+                f"({mem['peak_rss_source']}; RSS before the steps "
+                f"{mem['rss_before_steps_mib']:.0f} MiB)")
+        if "cuda_peak_allocated_mib" in mem:
+            line += f", CUDA peak allocated {mem['cuda_peak_allocated_mib']:.0f} MiB"
+        print(line)
+    if "profile" in results:
+        p = results["profile"]
+        print(f"  relu_mean fwd+bwd on {p['pre_activation_shape']}: "
+              f"{p['relu_mean_fwd_bwd_s']:.3f} s (ReLU fwd+bwd {p['relu_fwd_bwd_s']:.3f} s); "
+              f"|z| > 3 for {100 * p['fraction_abs_z_above_3']:.1f} % of entries")
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()
