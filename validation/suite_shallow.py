@@ -76,7 +76,8 @@ def random_input(
     d = W.diagonal(dim1=-2, dim2=-1).rsqrt()
     corr = W * d.unsqueeze(-1) * d.unsqueeze(-2)
     s = var.sqrt()
-    return mean, corr * s.unsqueeze(-1) * s.unsqueeze(-2)
+    cov = corr * s.unsqueeze(-1) * s.unsqueeze(-2)
+    return mean, 0.5 * (cov + cov.transpose(-1, -2))
 
 
 def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
