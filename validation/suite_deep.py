@@ -69,10 +69,18 @@ def grid(quick: bool) -> dict[str, object]:
     }
 
 
-def _networks(g: dict) -> list[tuple[str, int, nn.Module, int]]:
-    """(name, number of ReLU layers, model, Monte Carlo samples)."""
-    nets = [(f"mlp-{d}", d, mlp(d, g["mlp_width"]), g["mc_samples_mlp"]) for d in g["mlp_depths"]]
-    nets.append(("lenet", 3, lenet_shaped(g["lenet_width"]), g["mc_samples_lenet"]))
+def _networks(g: dict, seed: int) -> list[tuple[str, int, nn.Module, int]]:
+    """(name, number of ReLU layers, model, Monte Carlo samples); the k-th network's
+    random initialization is drawn with ``torch.manual_seed(seed + k)``."""
+    specs = [
+        (f"mlp-{d}", d, lambda d=d: mlp(d, g["mlp_width"]), g["mc_samples_mlp"])
+        for d in g["mlp_depths"]
+    ]
+    specs.append(("lenet", 3, lambda: lenet_shaped(g["lenet_width"]), g["mc_samples_lenet"]))
+    nets = []
+    for k, (name, n_relu, build, n_mc) in enumerate(specs):
+        torch.manual_seed(seed + k)
+        nets.append((name, n_relu, build(), n_mc))
     return nets
 
 
@@ -89,13 +97,12 @@ def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
     data: ImageData = load_mnist_subset(cfg.data_root, g["n_train"], 500, cfg.seed)
     report = SuiteReport(NAME, {"data": data.source, **{f"grid_{k}": v for k, v in g.items()}})
     x = data.test_x[: g["points"]].to(dev, torch.float64)
-    networks = _networks(g)
+    networks = _networks(g, cfg.seed)
     jobs = [(w, net) for w in ("random", "trained") for net in range(len(networks))]
     identity: list[float] = []
     accuracy: dict[str, float] = {}
     bar = progress(range(len(jobs) * len(g["sigmas"])), cfg, NAME)
     for weights, k in jobs:
-        torch.manual_seed(cfg.seed + 17 * k)
         name, n_relu, model, n_mc = networks[k]
         model = copy.deepcopy(model)  # each weights kind starts from the same random init
         model = model.to(dev).eval()
