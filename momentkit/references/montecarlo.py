@@ -34,7 +34,15 @@ from a SplitMix64 sequence (Steele, Lea and Flood 2014) whose start is a hash of
 ``(seed, p, s)``; normals come from the Box-Muller transform. The work is split
 into a fixed number of streams (``n_streams``) regardless of the thread count, so
 estimates are bit-for-bit reproducible for a given seed and ``n_streams`` on every
-thread count (and therefore for a given seed and thread count).
+thread count (and therefore for a given seed and thread count); a stream's
+normals do not depend on the block size either. Work proceeds in rounds: a Numba
+parallel kernel draws the next block of every stream, BLAS computes the two GEMMs
+for the whole round, and a second parallel kernel adds each stream's block sums into
+that stream's accumulators. BLAS is never called inside a Numba parallel region, so
+the two thread pools do not nest.
+
+The torch estimator has one stream, a ``torch.Generator`` seeded with ``seed`` on
+the device of ``mean``; its chunk sums play the role of the block sums.
 """
 
 from __future__ import annotations
