@@ -12,6 +12,11 @@ batched; autograd-safe):
 * :func:`affine_relu_affine_mean` (Theorem 1) and
   :func:`affine_relu_affine_covariance`;
 * :class:`MomentInputError`: the one exception raised for bad input.
+
+Built on the core: :func:`split_at_first_relu` (``(Upsilon, Omega)``),
+:func:`expected_prediction` and :func:`moment_regularized_loss` (the paper's Eq. 3-4),
+:func:`gaussian_robustness` (Eq. 6). The independent references live in
+:mod:`momentkit.references` (Monte Carlo, two-stage linearization).
 """
 
 from importlib.metadata import PackageNotFoundError
@@ -19,6 +24,13 @@ from importlib.metadata import version as _version
 
 from momentkit.affine import Normalize, affine_moments
 from momentkit.errors import MomentInputError
+from momentkit.regularizer import (
+    ExpectedPrediction,
+    MomentRegularizedLoss,
+    expected_prediction,
+    input_variance,
+    moment_regularized_loss,
+)
 from momentkit.relu import (
     relu_covariance,
     relu_covariance_zero_mean,
@@ -26,6 +38,7 @@ from momentkit.relu import (
     relu_mean_std,
     relu_moments,
 )
+from momentkit.robustness import RobustnessResult, gaussian_robustness, ring_noise
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
 from momentkit.special import (
     bivariate_normal_cdf,
@@ -34,6 +47,7 @@ from momentkit.special import (
     normal_cdf,
     normal_pdf,
 )
+from momentkit.split import Upsilon, split_at_first_relu
 
 try:
     __version__ = _version("momentkit")
@@ -41,15 +55,23 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "ExpectedPrediction",
     "MomentInputError",
+    "MomentRegularizedLoss",
+    "RobustnessResult",
+    "Upsilon",
     "Normalize",
     "__version__",
     "affine_moments",
     "affine_relu_affine_covariance",
     "affine_relu_affine_mean",
     "bivariate_normal_cdf",
+    "expected_prediction",
+    "gaussian_robustness",
+    "input_variance",
     "log_normal_cdf",
     "mills_ratio",
+    "moment_regularized_loss",
     "normal_cdf",
     "normal_pdf",
     "relu_covariance",
@@ -57,4 +79,6 @@ __all__ = [
     "relu_mean",
     "relu_mean_std",
     "relu_moments",
+    "ring_noise",
+    "split_at_first_relu",
 ]
