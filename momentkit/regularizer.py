@@ -156,7 +156,10 @@ def expected_prediction(
     ``Omega(mu3)`` with ``mu3 = relu_mean(mu2, s2^2)``, ``s2^2`` the variance of the
     pre-activation under input noise of standard deviation ``sigma`` (see
     :func:`input_variance` for the accepted shapes; Eq. 5 through
-    :meth:`Upsilon.variance`). The split of ``model`` is computed once and cached.
+    :meth:`Upsilon.variance`). The split of ``model`` is computed once and cached
+    (and recomputed when a submodule, parameter or buffer of ``model`` is replaced).
+    ``Omega`` runs twice: a module with batch statistics in training mode (BatchNorm)
+    sees the two batches separately and updates its running statistics twice.
 
     Args:
         model: a network with an affine stem before its first ReLU
