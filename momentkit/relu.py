@@ -106,44 +106,59 @@ def _std64(s: torch.Tensor, var: torch.Tensor | None, mask: torch.Tensor | None 
     return torch.sqrt((var if mask is None else var[mask]).double())
 
 
-def _fast_standardize(mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """:func:`_standardize` in two passes when every ``s`` is positive (training)."""
+def _central_mean(
+    mu: torch.Tensor, s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mu Phi(z) + s phi(z)`` in ``mu``'s dtype, with ``Phi(z)``, ``exp(-z^2/2)`` (the
+    derivatives, up to the constant ``1/sqrt(2 pi)``) and ``z``; about ten passes."""
     if bool((s > 0).all()):
-        return (mu / s).clamp_(-_Z_CLAMP, _Z_CLAMP)
-    return _standardize(mu, s)
+        w = mu * (-1.0 / (math.sqrt(2.0) * s))  # w = -z / sqrt 2
+    else:
+        w = _standardize(mu, s).mul_(-1.0 / math.sqrt(2.0))
+    z = w * -math.sqrt(2.0)
+    cdf = torch.special.erfc(w).mul_(0.5)
+    gauss = w.square_().neg_().exp_()  # exp(-z^2 / 2); w is overwritten
+    out = torch.mul(cdf, mu).addcmul_(s * (1.0 / math.sqrt(2.0 * math.pi)), gauss)
+    return out, cdf, gauss, z
 
 
-def _central_mean(mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``mu Phi(z) + s phi(z)`` with in-place steps (about ten passes over ``mu``)."""
-    z = _fast_standardize(mu, s)
-    out = torch.special.erfc(z * (-1.0 / math.sqrt(2.0))).mul_(0.5).mul_(mu)
-    pdf = z.square_().mul_(-0.5).exp_()  # z is not needed after this
-    return out.addcmul_(s * (1.0 / math.sqrt(2.0 * math.pi)), pdf)
+def _exact_mean64(mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``T(mu, s)`` in float64 for the entries given: direct for ``z >= -3``, the
+    continued-fraction tail below."""
+    mu, s = mu.double(), s.double()
+    z = _standardize(mu, s)
+    out = mu * normal_cdf(z) + s * normal_pdf(z)
+    tail = z < -_TAIL_SWITCH
+    if bool(tail.any()):
+        out[tail] = _lower_tail(mu[tail], s[tail], with_var=False)[0]
+    return out
 
 
 def _mean_forward(
     mu: torch.Tensor, s: torch.Tensor, var: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``T(mu, s)``; ``s`` (and ``var``) broadcast against ``mu`` without being expanded.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``T(mu, s)``, ``Phi(z)`` and ``exp(-z^2/2)``, all in ``mu``'s dtype.
 
-    Below float64 (the hot path of training) ``mu Phi(z) + s phi(z)`` is evaluated in
-    float64 everywhere, with no branch: its cancellation for ``z = -x < 0`` costs about
-    ``x^2`` and the rounding of ``phi`` about ``x^2 / 2`` units of 2^-53, under 1e-11
-    for every ``x`` at which a float32 result with ``std <= 1e8`` is a normal number
-    (``x < 15``). In float64 the same formula holds for ``z >= -3`` (loss below 11 of
-    2^52) and the tail ``z < -3`` is recomputed by :func:`_lower_tail`.
+    ``s`` (and ``var``) broadcast against ``mu`` without being expanded (in training
+    the variance is one image broadcast over the batch). The direct formula
+    ``mu Phi(z) + s phi(z)`` runs in ``mu``'s dtype (the hot path). It cancels for
+    negative ``z``, by a factor ``|z| Phi(z) / h(z)`` (5.4 at ``z = -2``, 11 at -3), on
+    top of the rounding of ``z = mu / s`` itself, amplified ``z^2``-fold. So the entries
+    with ``z < -2`` (below float64) or ``z < -3`` (float64) are recomputed in float64 with
+    the standard deviation taken from ``var`` when given, the tail ``z < -3`` by the
+    continued fraction: measured relative error 6e-8 in float32, 3e-13 in float64.
     """
-    if mu.dtype != torch.float64:
-        s64 = s.double() if var is None else torch.sqrt(var.double())
-        return _central_mean(mu.double(), s64).to(mu.dtype)
-    out = _central_mean(mu, s)
-    z = _fast_standardize(mu, s)
-    lower = z < -_TAIL_SWITCH
-    if bool(lower.any()):
-        mu_t = mu.expand_as(z)[lower]
-        s_t = _std64(s.expand_as(z), None if var is None else var.expand_as(z), lower)
-        out[lower] = _lower_tail(mu_t, s_t, with_var=False)[0]
-    return out
+    out, cdf, gauss, z = _central_mean(mu, s)
+    float64 = mu.dtype == torch.float64
+    redo = z < (-_TAIL_SWITCH if float64 else -2.0)
+    if bool(redo.any()):
+        mu_r = mu.expand_as(z)[redo]
+        s_r = _std64(s.expand_as(z), None if var is None else var.expand_as(z), redo)
+        if float64:
+            out[redo] = _lower_tail(mu_r, s_r, with_var=False)[0]
+        else:
+            out[redo] = _exact_mean64(mu_r, s_r).to(out.dtype)
+    return out, cdf, gauss
 
 
 def _moments64(
@@ -172,23 +187,27 @@ def _moments64(
 
 
 class _ReluMean(torch.autograd.Function):
+    """``T(mu, s)`` with the analytic derivatives ``Phi(z)`` and ``phi(z)``, which the
+    forward pass computes anyway and keeps (two tensors of ``mu``'s size and dtype), so
+    that the backward pass is two products."""
+
     @staticmethod
     def forward(ctx, mu, s, var=None):
-        ctx.save_for_backward(mu, s)
-        return _mean_forward(mu, s, var)
+        out, cdf, gauss = _mean_forward(mu, s, var)
+        ctx.save_for_backward(cdf, gauss)
+        ctx.shapes = (mu.shape, s.shape)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        mu, s = ctx.saved_tensors
-        z = _fast_standardize(mu, s)
+        cdf, gauss = ctx.saved_tensors
+        mu_shape, s_shape = ctx.shapes
         g_mu = g_s = None
-        if ctx.needs_input_grad[0]:  # grad * Phi(z)
-            g_mu = torch.special.erfc(z * (-1.0 / math.sqrt(2.0))).mul_(grad).mul_(0.5)
-            g_mu = g_mu.sum_to_size(mu.shape)
-        if ctx.needs_input_grad[1]:  # grad * phi(z), z overwritten in place
-            g_s = z.square_().mul_(-0.5).exp_().mul_(grad).sum_to_size(s.shape)
-            g_s = g_s * (1.0 / math.sqrt(2.0 * math.pi))
+        if ctx.needs_input_grad[0]:
+            g_mu = (grad * cdf).sum_to_size(mu_shape)
+        if ctx.needs_input_grad[1]:  # phi(z) = exp(-z^2/2) / sqrt(2 pi), scaled after the sum
+            g_s = (grad * gauss).sum_to_size(s_shape) * (1.0 / math.sqrt(2.0 * math.pi))
         return g_mu, g_s, None
 
 
