@@ -543,13 +543,18 @@ def test_ray_executor_on_a_tiny_grid(
     grid = load_grid_file(tiny_grid_file)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        outcomes = executors.run_ray(
-            grid.configs[:1], tmp_path, cpus_per_run=1, data_root=str(mnist_root), progress=False
-        )
+        # through the command line: the executor uses the Ray instance started here
+        cmd = ["grid", "run", str(tiny_grid_file), "--executor", "ray", "--limit", "1"]
+        cmd += ["--cpus-per-run", "1", "--results-dir", str(tmp_path)]
+        assert main([*cmd, "--data-root", str(mnist_root)]) == 0
+        assert ray.is_initialized()
     finally:
         ray.shutdown()
-    assert [o.status for o in outcomes] == ["done"]
-    assert executors.scan_states(tmp_path) == {grid.run_ids()[0]: "done"}
+    # --limit 1: the manifest lists the grid's three runs, one of them trained
+    states = executors.scan_states(tmp_path)
+    assert states == {
+        rid: ("done" if i == 0 else "pending") for i, rid in enumerate(grid.run_ids())
+    }
     # Ray gives each 1-CPU task one thread, as the 2-worker run had: the same results
     expected = [row for row in _table(uninterrupted) if row[0] == grid.run_ids()[0]]
     assert _table(tmp_path) == expected
