@@ -22,7 +22,7 @@ A grid is the cartesian expansion of *groups* of run settings. A grid file (TOML
     method = "moment"
     alpha = 1.0
     sigma = 0.5
-    matched = { method = "augment", folds = 6, epochs = 3, by = "wall_time", cost_ratio = 2.8 }
+    matched = { method = "augment", folds = 6, epochs = 3, by = "wall_time", cost_ratio = 0.6 }
 
 The keys of ``defaults`` and of each group are the fields of ``RunConfig``; anything else
 raises :class:`GridError` naming the key. A group expands to ``prod(len(axis))`` configs;
@@ -30,13 +30,15 @@ configs that appear twice (same ``run_id()``) are kept once.
 
 **Matched compute.** ``matched`` names a reference run (its fields override the group's
 defaults; ``sigma`` defaults to the group's) that must itself be part of the grid. The group's
-``epochs`` become ``max(1, round(E_ref * s_ref * c_ref / (s * c)))`` where ``s`` is the number
+``epochs`` become ``max(1, round(E_ref * s_ref / (s * c)))`` where ``s`` is the number
 of passes over the training set per epoch (``folds`` for augmentation: the clean set plus
-``folds - 1`` noisy copies; 1 otherwise) and ``c`` the cost of one gradient step relative to a
-plain one. ``by = "gradient_steps"`` sets every ``c = 1`` (equal gradient steps);
-``by = "wall_time"`` takes ``cost_ratio`` (default 1) as the cost ``c`` of a step of this
-group's method and 1 for the reference, which should be measured (a regularizer step costs an
-extra pass through Omega). The pairs are stored in the grid manifest so the report can compare
+``folds - 1`` noisy copies; 1 otherwise) and ``c`` the cost of one of the group's gradient
+steps relative to one of the reference's steps. ``by = "gradient_steps"`` sets ``c = 1``
+(equal gradient steps); ``by = "wall_time"`` takes ``c = cost_ratio`` (default 1), which must
+be measured on the hardware at hand (``benchmarks/bench_train_step.py`` times plain,
+regularized and augmented steps interleaved): on a CPU an augmented step costs more than a
+plain one (its noise is generated per batch), a regularizer step costs an extra pass through
+Omega. The pairs are stored in the grid manifest so the report can compare
 them with paired confidence intervals.
 
 **Presets** (``python -m experiments grid list``):
@@ -217,8 +219,9 @@ def matched_epochs(
     """Epochs for ``target`` so that its compute equals ``reference``'s.
 
     ``E = max(1, round(E_ref * s_ref / (s * c)))`` with ``s`` the training-set passes per
-    epoch (``folds`` for augmentation, else 1) and ``c`` the relative cost of one of the
-    target's steps (``cost_ratio`` for ``by="wall_time"``, 1 for ``by="gradient_steps"``).
+    epoch (``folds`` for augmentation, else 1) and ``c`` the cost of one of the target's
+    steps relative to one of the reference's (``cost_ratio`` for ``by="wall_time"``, 1 for
+    ``by="gradient_steps"``).
 
     Raises:
         GridError: ``by`` unknown or ``cost_ratio`` not positive.
