@@ -147,7 +147,7 @@ def _mean_forward(
     top of the rounding of ``z = mu / s`` itself, amplified ``z^2``-fold. So the entries
     with ``z < -2`` (below float64) or ``z < -3`` (float64) are recomputed in float64 with
     the standard deviation taken from ``var`` when given, the tail ``z < -3`` by the
-    continued fraction: measured relative error 6e-8 in float32, 3e-13 in float64.
+    continued fraction: measured relative error 9.5e-7 in float32, 3e-13 in float64.
     """
     out, cdf, gauss, z = _central_mean(mu, s)
     float64 = mu.dtype == torch.float64
