@@ -43,7 +43,12 @@ import math
 import torch
 
 from momentkit.errors import MomentInputError
-from momentkit.special import bivariate_normal_cdf, normal_cdf, normal_pdf
+from momentkit.special import (
+    bivariate_normal_cdf,
+    bivariate_normal_cdf_partials,
+    normal_cdf,
+    normal_pdf,
+)
 
 # Beyond |z| = 3 the tail (continued-fraction) formulas are used; at the switch the
 # central formulas cancel at most a factor 1/(1 - 3 R(3)) ~ 7 of their digits.
@@ -393,20 +398,10 @@ def relu_covariance(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     z = torch.where(std > 0, mu / safe_std, torch.zeros_like(mu))
     a, b = z.unsqueeze(-1), z.unsqueeze(-2)
     a, b, rho_b = torch.broadcast_tensors(a, b, rho)
+    # The three correction terms are b dPhi2/da + a dPhi2/db + r^2 dPhi2/drho.
+    d_a, d_b, d_rho = bivariate_normal_cdf_partials(a, b, rho_b)
     r2 = ((1.0 - rho_b) * (1.0 + rho_b)).clamp_min(0.0)
-    interior = r2 > 0
-    r = torch.sqrt(torch.where(interior, r2, torch.ones_like(r2)))
-    big = torch.finfo(torch.float64).max
-    arg_b = torch.where(interior, (b - rho_b * a) / r, torch.sign(b - rho_b * a) * big)
-    arg_a = torch.where(interior, (a - rho_b * b) / r, torch.sign(a - rho_b * b) * big)
-    quad = (a * a - 2.0 * rho_b * a * b + b * b) / torch.where(interior, r2, torch.ones_like(r2))
-    phi2_r2 = torch.where(interior, r * torch.exp(-0.5 * quad) / (2.0 * math.pi), 0.0 * r)
-    cross = (
-        (a * b + rho_b) * bivariate_normal_cdf(a, b, rho_b)
-        + b * normal_pdf(a) * normal_cdf(arg_b)
-        + a * normal_pdf(b) * normal_cdf(arg_a)
-        + phi2_r2
-    )
+    cross = (a * b + rho_b) * bivariate_normal_cdf(a, b, rho_b) + b * d_a + a * d_b + r2 * d_rho
     si, sj = std.unsqueeze(-1), std.unsqueeze(-2)
     out = si * sj * cross - m_mean.unsqueeze(-1) * m_mean.unsqueeze(-2)
     out = torch.where(both, out, torch.zeros_like(out))

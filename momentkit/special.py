@@ -114,11 +114,36 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     return torch.where(low, bvn_low, bvn_high).clamp(0.0, 1.0)
 
 
+def bivariate_normal_cdf_partials(
+    h: torch.Tensor, k: torch.Tensor, rho: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The partial derivatives of ``Phi2(h, k; rho)``, in closed form:
+    ``phi(h) Phi((k - rho h)/r)``, ``phi(k) Phi((h - rho k)/r)`` and
+    ``phi2(h, k; rho)`` (``r = sqrt(1 - rho^2)``).
+
+    At ``rho = +-1`` the first two are their limits (``Phi`` of a step in
+    ``k - rho h``) and the rho-derivative, a point mass there, is reported as 0. Built
+    from differentiable operations whose untaken branches stay finite, so it can itself
+    be differentiated (the ReLU covariance does).
+    """
+    r2 = (1.0 - rho) * (1.0 + rho)
+    interior = r2 > 0
+    safe_r2 = torch.where(interior, r2, torch.ones_like(r2))
+    r = torch.sqrt(safe_r2)
+    big = torch.finfo(h.dtype).max
+    arg_h = torch.where(interior, (k - rho * h) / r, torch.sign(k - rho * h) * big)
+    arg_k = torch.where(interior, (h - rho * k) / r, torch.sign(h - rho * k) * big)
+    d_h = normal_pdf(h) * normal_cdf(arg_h)
+    d_k = normal_pdf(k) * normal_cdf(arg_k)
+    quad = (h * h - 2.0 * rho * h * k + k * k) / safe_r2
+    d_rho = torch.where(
+        interior, torch.exp(-0.5 * quad) / (2.0 * math.pi * r), torch.zeros_like(r)
+    )
+    return d_h, d_k, d_rho
+
+
 class _BivariateNormalCdf(torch.autograd.Function):
-    """Forward by Genz's algorithm, backward by the analytic partial derivatives
-    ``dPhi2/dh = phi(h) Phi((k - rho h)/r)``, ``dPhi2/drho = phi2(h, k; rho)``
-    (``r = sqrt(1 - rho^2)``). At ``rho = +-1`` the rho-derivative is a point mass
-    and is reported as 0."""
+    """Forward by Genz's algorithm, backward by :func:`bivariate_normal_cdf_partials`."""
 
     @staticmethod
     def forward(ctx, h, k, rho):  # noqa: D401
@@ -128,21 +153,8 @@ class _BivariateNormalCdf(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        h, k, rho = ctx.saved_tensors
-        r2 = (1.0 - rho) * (1.0 + rho)
-        interior = r2 > 0
-        r = torch.sqrt(torch.where(interior, r2, torch.ones_like(r2)))
-        big = torch.finfo(h.dtype).max
-        # Phi((k - rho h) / r) with its limit as r -> 0 (a step in k - rho h).
-        arg_h = torch.where(interior, (k - rho * h) / r, torch.sign(k - rho * h) * big)
-        arg_k = torch.where(interior, (h - rho * k) / r, torch.sign(h - rho * k) * big)
-        gh = normal_pdf(h) * normal_cdf(arg_h)
-        gk = normal_pdf(k) * normal_cdf(arg_k)
-        quad = (h * h - 2.0 * rho * h * k + k * k) / r2.clamp_min(torch.finfo(h.dtype).tiny)
-        grho = torch.where(
-            interior, torch.exp(-0.5 * quad) / (2.0 * math.pi * r), torch.zeros_like(r)
-        )
-        return grad * gh, grad * gk, grad * grho
+        d_h, d_k, d_rho = bivariate_normal_cdf_partials(*ctx.saved_tensors)
+        return grad * d_h, grad * d_k, grad * d_rho
 
 
 def bivariate_normal_cdf(
