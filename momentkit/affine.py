@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentkit._validate import check_covariance_matrix
 from momentkit.errors import MomentInputError
 
 
@@ -71,14 +72,8 @@ def _validate_spread(mean: torch.Tensor, var_or_cov: torch.Tensor, fn: str) -> b
             raise MomentInputError(f"{fn}: var_or_cov (a variance) has negative entries")
         return True
     if var_or_cov.dim() >= 2 and var_or_cov.shape[-1] == var_or_cov.shape[-2]:
-        n = var_or_cov.shape[-1]
-        diag = torch.diagonal(var_or_cov, dim1=-2, dim2=-1)
-        if bool((diag < 0).any()):
-            raise MomentInputError(f"{fn}: var_or_cov (a covariance) has a negative diagonal")
-        tol = 64 * torch.finfo(var_or_cov.dtype).eps * var_or_cov.abs().amax()
-        if bool(((var_or_cov - var_or_cov.transpose(-1, -2)).abs() > tol).any()):
-            raise MomentInputError(f"{fn}: var_or_cov (a covariance) is not symmetric")
-        return n  # type: ignore[return-value]
+        check_covariance_matrix(var_or_cov, fn, "var_or_cov (a covariance)")
+        return False
     raise MomentInputError(
         f"{fn}: var_or_cov of shape {tuple(var_or_cov.shape)} is neither a variance of the "
         f"mean's shape {tuple(mean.shape)} nor a covariance of shape (..., n, n)"
@@ -115,7 +110,7 @@ def affine_moments(
     rounding. Raises :class:`MomentInputError` for bad input or an unsupported layer.
     """
     fn = "affine_moments"
-    diagonal = _validate_spread(mean, var_or_cov, fn) is True
+    diagonal = _validate_spread(mean, var_or_cov, fn)
     if isinstance(layer_or_matrix, torch.Tensor):
         a = layer_or_matrix.to(mean.dtype)
         if a.dim() != 2 or a.shape[1] != mean.shape[-1]:

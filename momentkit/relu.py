@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from momentkit._validate import check_covariance_matrix
 from momentkit.errors import MomentInputError
 from momentkit.special import (
     bivariate_normal_cdf,
@@ -336,18 +337,7 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
 
 def _check_cov(mean, cov, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     cov = _as_float_tensor(cov, "cov", fn)
-    if cov.dim() < 2 or cov.shape[-1] != cov.shape[-2]:
-        raise MomentInputError(
-            f"{fn}: cov must have shape (..., n, n), got {tuple(cov.shape)} (not square)"
-        )
-    if bool(torch.isinf(cov).any()):
-        raise MomentInputError(f"{fn}: cov contains inf")
-    sym_tol = 64 * torch.finfo(cov.dtype).eps * cov.abs().amax(dim=(-1, -2), keepdim=True)
-    if bool(((cov - cov.transpose(-1, -2)).abs() > sym_tol).any()):
-        raise MomentInputError(f"{fn}: cov is not symmetric")
-    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
-    if bool((diag < 0).any()):
-        raise MomentInputError(f"{fn}: cov has a negative variance on its diagonal")
+    check_covariance_matrix(cov, fn)
     if mean is not None:
         mean = _as_float_tensor(mean, "mean", fn, like=cov)
         if mean.shape[-1:] != cov.shape[-1:]:
