@@ -169,7 +169,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     register_evaluate,
     demo.register,
     grids.add_grid_parser,
-    report.add_report_parser,
+    report.register,
 ]
 """Functions that each add one sub-command to the parser."""
 

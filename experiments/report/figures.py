@@ -1,0 +1,195 @@
+"""Figures of the report (PNG, drawn with matplotlib's object API, no display needed).
+
+* :func:`plot_accuracy_robustness`: the paper's Figure 3;
+* :func:`plot_fair`: Figures 4 and 5 (robustness curves and R with intervals);
+* :func:`plot_compute`: R against training time and gradient steps.
+
+Runs whose predictions are flagged as (nearly) constant are drawn with an ``x`` marker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.config import METHODS
+from experiments.report.compare import COMPARED_METHODS, FairComparison
+from experiments.report.records import RunRecord
+from experiments.report.stats import Interval
+
+__all__ = ["figure_slug", "plot_accuracy_robustness", "plot_compute", "plot_fair"]
+
+_COLORS = {"baseline": "black", "augment": "tab:blue", "moment": "tab:red"}
+
+
+def figure_slug(setting: Mapping[str, Any]) -> str:
+    """File-name part for a setting, e.g. ``lenet-mnist-n500-e3-s0``."""
+    parts = [str(setting["model"]), str(setting["dataset"])]
+    if setting.get("train_subset"):
+        parts.append(f"n{setting['train_subset']}")
+    if setting.get("epochs") is not None:
+        parts.append(f"e{setting['epochs']}")
+    parts.append(f"s{setting.get('seed', 0)}")
+    return "-".join(parts)
+
+
+def _shade(cmap_name: str, i: int, n: int) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps[cmap_name](0.45 + 0.55 * (i + 1) / max(n, 1))
+
+
+def _mark_flagged(ax: Any, records: Sequence[RunRecord], attr: str) -> None:
+    flagged = [r for r in records if r.degenerate and r.method != "baseline"]
+    if flagged:
+        ax.scatter(
+            [float(r.config["sigma"]) for r in flagged],
+            [getattr(r, attr) for r in flagged],
+            marker="x",
+            s=80,
+            color="k",
+            zorder=5,
+            label="degenerate predictions",
+        )
+
+
+def plot_accuracy_robustness(records: Sequence[RunRecord], path: Path, title: str) -> Path:
+    """Figure 3: clean accuracy and robustness R against training sigma, one line per
+    augmentation level / regularizer alpha; the baseline as a dashed horizontal line."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    lines: dict[tuple[str, float], list[RunRecord]] = {}
+    for r in records:
+        if r.method == "augment":
+            lines.setdefault(("augment", float(r.config["folds"])), []).append(r)
+        elif r.method == "moment":
+            lines.setdefault(("moment", float(r.config["alpha"])), []).append(r)
+    aug_keys = sorted(k for k in lines if k[0] == "augment")
+    mom_keys = sorted(k for k in lines if k[0] == "moment")
+    for ax, attr, ylabel in (
+        (axes[0], "accuracy", "clean test accuracy"),
+        (axes[1], "robustness", "robustness R (Eq. 6)"),
+    ):
+        for keys, cmap, marker, name in (
+            (aug_keys, "Blues", "o", "augment N~"),
+            (mom_keys, "Reds", "s", "moment alpha"),
+        ):
+            for i, key in enumerate(keys):
+                rs = sorted(lines[key], key=lambda r: float(r.config["sigma"]))
+                ax.plot(
+                    [float(r.config["sigma"]) for r in rs],
+                    [getattr(r, attr) for r in rs],
+                    marker=marker,
+                    color=_shade(cmap, i, len(keys)),
+                    label=f"{name}={key[1]:g}",
+                )
+        _mark_flagged(ax, records, attr)
+        for r in records:
+            if r.method == "baseline":
+                ax.axhline(getattr(r, attr), color="black", ls="--", lw=1, label="baseline")
+        ax.set_xscale("log")
+        train_sigmas = sorted({float(r.config["sigma"]) for r in records if r.method != "baseline"})
+        if train_sigmas:
+            ax.set_xticks(train_sigmas, [f"{s:g}" for s in train_sigmas])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training sigma_x")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _single_ci(fc: FairComparison, method: str) -> Interval | None:
+    """The interval of one chosen run's R, taken from a comparison that involves it."""
+    for name, ivs in fc.comparisons.items():
+        a, _, b = name.split(" ")
+        if a == method:
+            return ivs["robustness_a"]
+        if b == method:
+            return ivs["robustness_b"]
+    return None
+
+
+def plot_fair(fc: FairComparison, path: Path, title: str) -> Path:
+    """Figures 4/5: robustness curves of the baseline and each method's best qualifying run,
+    and their R with bootstrap intervals."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    ax_curve, ax_bar = fig.subplots(1, 2)
+    entries = [("baseline", fc.baseline)] + [(m, fc.best[m]) for m in COMPARED_METHODS]
+    names, values, errs, colors = [], [], [[], []], []
+    for method, rec in entries:
+        if rec is None:
+            continue
+        ax_curve.plot(
+            rec.sigmas,
+            rec.results["robustness"]["curve"],
+            color=_COLORS[method],
+            label=f"{rec.label()} (acc {rec.accuracy:.4f}, R {rec.robustness:.3f})",
+        )
+        ci = _single_ci(fc, method)
+        names.append(method if method == "baseline" else rec.label().replace(" sigma", "\nsigma"))
+        values.append(rec.robustness)
+        errs[0].append(rec.robustness - ci.low if ci else 0.0)
+        errs[1].append(ci.high - rec.robustness if ci else 0.0)
+        colors.append(_COLORS[method])
+    level = next(iter(fc.comparisons.values()))["robustness_a"].level if fc.comparisons else 0.95
+    ax_curve.set_xlabel("test noise sigma")
+    ax_curve.set_ylabel("fraction of predictions unchanged")
+    ax_curve.legend(fontsize=7)
+    ax_curve.grid(alpha=0.3)
+    ax_bar.bar(range(len(values)), values, yerr=errs, color=colors, capsize=6)
+    ax_bar.set_xticks(range(len(values)), names, fontsize=7)
+    ax_bar.set_ylabel(f"robustness R, {round(100 * level)}% paired-bootstrap CI")
+    ax_bar.set_ylim(0, 1.05)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_compute(
+    records: Sequence[RunRecord], choice: FairComparison | None, path: Path, title: str
+) -> Path:
+    """Robustness R against training time and against gradient steps, per method; hollow
+    markers: runs that do not qualify under ``choice`` (below the accuracy bar, or flagged
+    predictions); all filled when ``choice`` is None (no baseline)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, key, xlabel in (
+        (axes[0], "train_time_s", "training time (s)"),
+        (axes[1], "gradient_steps", "gradient steps"),
+    ):
+        for method in METHODS:
+            rs = [r for r in records if r.method == method and r.results.get(key)]
+            ok = [r for r in rs if choice is None or choice.qualifies(r)]
+            bad = [r for r in rs if r not in ok]
+            ax.scatter(
+                [r.results[key] for r in ok],
+                [r.robustness for r in ok],
+                color=_COLORS[method],
+                label=method,
+            )
+            ax.scatter(
+                [r.results[key] for r in bad],
+                [r.robustness for r in bad],
+                facecolors="none",
+                edgecolors=_COLORS[method],
+                label=f"{method} (not qualifying)" if bad else None,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("robustness R")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,207 @@
+"""Statistics of the report: per-image robustness scores and paired bootstrap intervals.
+
+**Robustness** (Eq. 6) of a model is ``R = trapz(curve, sigmas) / (sigmas[-1] - sigmas[0])``
+where ``curve[k]`` is the fraction of test images whose prediction is unchanged under noise
+``sigmas[k]``. Since ``curve[k] = mean_i robust[k, i]``, ``R = mean_i r_i`` with the per-image
+score ``r_i = sum_k w_k robust[k, i]`` and trapezoid weights ``w`` (:func:`trapezoid_weights`),
+so R and accuracy are both means over test images.
+
+**Paired bootstrap** (:func:`paired_bootstrap`). Two models evaluated on the same test
+images are compared by resampling image indices with replacement, the same indices for
+both models (``scipy.stats.bootstrap`` with ``paired=True``), and taking percentile
+intervals of each model's accuracy and R, of the differences and of the ratio of R. For a
+difference of means the interval approaches ``d +- z * sd(d_i) / sqrt(n)``; the ratio
+interval carries the uncertainty of a claim such as "twice as robust". It conditions on
+the trained models: it does not cover seed-to-seed variation of training.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from experiments.report.records import RunRecord
+
+__all__ = [
+    "BOOTSTRAP_METHOD",
+    "Interval",
+    "compare_records",
+    "paired_bootstrap",
+    "per_image_robustness",
+    "trapezoid_weights",
+]
+
+BOOTSTRAP_METHOD = "percentile"
+"""``method`` of ``scipy.stats.bootstrap`` used for every interval of the report."""
+
+_BATCH = 250  # resamples per vectorized call: memory O(_BATCH * n) per array
+
+
+def trapezoid_weights(sigmas: np.ndarray) -> np.ndarray:
+    """``w`` with ``w @ curve == trapz(curve, sigmas) / (sigmas[-1] - sigmas[0])``.
+
+    Raises:
+        ValueError: fewer than two sigmas or a zero-width range.
+    """
+    s = np.asarray(sigmas, dtype=np.float64)
+    if s.ndim != 1 or s.size < 2 or s[-1] == s[0]:
+        raise ValueError(f"sigmas must be a 1-d range of at least 2 distinct values, got {s}")
+    d = np.diff(s)
+    w = np.zeros_like(s)
+    w[:-1] += d / 2
+    w[1:] += d / 2
+    return w / (s[-1] - s[0])
+
+
+def per_image_robustness(robust: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """Per-image score ``r_i = sum_k w_k robust[k, i]``; its mean over images is R (Eq. 6).
+
+    ``robust`` is ``(n_sigmas, n)``; the result is ``(n,)``.
+    """
+    return trapezoid_weights(sigmas) @ np.asarray(robust, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and a percentile-bootstrap confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+
+    def fmt(self, digits: int = 4, pct: bool = False) -> str:
+        k = 100.0 if pct else 1.0
+        e, lo, hi = k * self.estimate, k * self.low, k * self.high
+        return f"{e:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    def excludes(self, value: float) -> bool:
+        return not (self.low <= value <= self.high)
+
+
+_NAMES = (
+    "accuracy_a",
+    "accuracy_b",
+    "accuracy_diff",
+    "robustness_a",
+    "robustness_b",
+    "robustness_diff",
+    "robustness_ratio",
+)
+
+
+def _paired_statistics(
+    correct_a: np.ndarray,
+    score_a: np.ndarray,
+    correct_b: np.ndarray,
+    score_b: np.ndarray,
+    axis: int = -1,
+) -> np.ndarray:
+    """The seven statistics of :data:`_NAMES` along ``axis``, stacked on a new first axis."""
+    acc_a, acc_b = correct_a.mean(axis=axis), correct_b.mean(axis=axis)
+    rob_a, rob_b = score_a.mean(axis=axis), score_b.mean(axis=axis)
+    ratio = np.divide(rob_a, rob_b, out=np.full_like(rob_a, np.nan), where=rob_b > 0)
+    return np.stack([acc_a, acc_b, acc_a - acc_b, rob_a, rob_b, rob_a - rob_b, ratio])
+
+
+def paired_bootstrap(
+    correct_a: np.ndarray,
+    score_a: np.ndarray,
+    correct_b: np.ndarray,
+    score_b: np.ndarray,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Interval]:
+    """Paired percentile bootstrap over test images for models ``a`` and ``b``.
+
+    ``scipy.stats.bootstrap(..., paired=True, method="percentile")``: each of ``n_boot``
+    resamples draws n image indices with replacement and applies them to all four arrays.
+
+    Args:
+        correct_a, correct_b: (n,) clean correctness of each model on the same n images.
+        score_a, score_b: (n,) per-image robustness scores (:func:`per_image_robustness`).
+        n_boot: bootstrap resamples; the Monte Carlo error of an interval end is of order
+            ``sd / sqrt(n * n_boot)`` of the statistic's scale.
+        level: two-sided confidence level.
+        seed: seed of the ``numpy.random.Generator`` that draws the resamples (the same
+            seed gives the same intervals).
+
+    Returns:
+        Intervals for ``accuracy_a``, ``accuracy_b``, ``accuracy_diff`` (a - b),
+        ``robustness_a``, ``robustness_b``, ``robustness_diff`` (a - b) and
+        ``robustness_ratio`` (a / b). The ratio's estimate is nan when R_b = 0, and its
+        interval is nan when R_b = 0 in some resample (the ratio is then unbounded).
+
+    Raises:
+        ValueError: arrays of different length or fewer than 2 images, ``n_boot < 10``,
+            level outside (0, 1).
+    """
+    arrays = [np.asarray(x, dtype=np.float64) for x in (correct_a, score_a, correct_b, score_b)]
+    n = arrays[0].shape[0] if arrays[0].ndim == 1 else 0
+    if n < 2 or any(x.shape != (n,) for x in arrays):
+        raise ValueError(
+            "paired_bootstrap needs four (n,) arrays with n >= 2, got "
+            f"{[x.shape for x in arrays]}"
+        )
+    if n_boot < 10:
+        raise ValueError(f"n_boot must be >= 10, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    with warnings.catch_warnings():
+        # scipy warns when a statistic is nan in some resample (the ratio with R_b = 0
+        # there); the nan interval below says it
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap(
+            tuple(arrays),
+            _paired_statistics,
+            n_resamples=n_boot,
+            batch=_BATCH,
+            vectorized=True,
+            paired=True,
+            confidence_level=level,
+            method=BOOTSTRAP_METHOD,
+            rng=np.random.default_rng(seed),
+        )
+    estimates = _paired_statistics(*arrays)
+    low, high = res.confidence_interval
+    return {
+        name: Interval(float(estimates[k]), float(low[k]), float(high[k]), level)
+        for k, name in enumerate(_NAMES)
+    }
+
+
+def compare_records(
+    a: RunRecord, b: RunRecord, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, Interval]:
+    """:func:`paired_bootstrap` of two complete runs from their ``per_image.npz``.
+
+    Raises:
+        ValueError: the runs were not evaluated on the same test images and sigmas.
+    """
+    ca, ra = a.per_image()
+    cb, rb = b.per_image()
+    if ca.shape != cb.shape or not np.array_equal(a.sigmas, b.sigmas):
+        raise ValueError(
+            f"runs {a.run_id} and {b.run_id} were not evaluated on the same test images/sigmas"
+        )
+    return paired_bootstrap(
+        ca,
+        per_image_robustness(ra, a.sigmas),
+        cb,
+        per_image_robustness(rb, b.sigmas),
+        n_boot=n_boot,
+        level=level,
+        seed=seed,
+    )
+
+
+def finite_or_none(value: float) -> float | None:
+    """``value`` as a float, or ``None`` when it is nan or infinite (for strict JSON)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
