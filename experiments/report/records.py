@@ -155,10 +155,12 @@ def _record_or_reason(rdir: Path, res: dict[str, Any]) -> RunRecord | str:
     return RunRecord(rid, rdir, dict(config), res)
 
 
-def _left_out(rdir: Path, kind: str, epoch: Any, error: str) -> LeftOutRun:
+def _left_out(
+    rdir: Path, kind: str, epoch: Any, error: str, run_id: Any = None
+) -> LeftOutRun:
     config = rundir.read_json(rdir / rundir.CONFIG_FILE) or {}
     return LeftOutRun(
-        run_id=rdir.name,
+        run_id=str(run_id or rdir.name),
         path=rdir,
         label=run_label(config) if "method" in config else "?",
         kind=kind,
@@ -170,8 +172,9 @@ def _left_out(rdir: Path, kind: str, epoch: Any, error: str) -> LeftOutRun:
 def collect_runs(results_dir: str | Path) -> tuple[list[RunRecord], list[LeftOutRun]]:
     """The complete runs below ``results_dir`` (any depth, one per run id) and the left-out ones.
 
-    See the module docstring for which folder becomes which. Of two folders with the same
-    run id, the first in path order is kept.
+    See the module docstring for which folder becomes which. Of two complete folders with
+    the same run id, the first in path order is kept; a left-out folder whose run id (from
+    its ``error.json``, else the folder name) is complete elsewhere is dropped.
 
     Raises:
         FileNotFoundError: ``results_dir`` does not exist.
@@ -192,7 +195,7 @@ def collect_runs(results_dir: str | Path) -> tuple[list[RunRecord], list[LeftOut
             if isinstance(got, RunRecord):
                 records.setdefault(got.run_id, got)
             else:
-                left_out.append(_left_out(rdir, "invalid results", None, got))
+                left_out.append(_left_out(rdir, "invalid results", None, got, res.get("run_id")))
         elif err is not None:
             left_out.append(
                 _left_out(
@@ -200,6 +203,7 @@ def collect_runs(results_dir: str | Path) -> tuple[list[RunRecord], list[LeftOut
                     str(err.get("kind") or "exception"),
                     err.get("epoch"),
                     str(err.get("error", "")),
+                    err.get("run_id"),
                 )
             )
         else:
@@ -208,7 +212,8 @@ def collect_runs(results_dir: str | Path) -> tuple[list[RunRecord], list[LeftOut
                 f"{rundir.RESULTS_FILE} with {rundir.PER_IMAGE_FILE}, no {rundir.ERROR_FILE})",
                 stacklevel=2,
             )
-    return list(records.values()), left_out
+    # a run id complete in another folder (an exported copy, a retry) is not left out
+    return list(records.values()), [r for r in left_out if r.run_id not in records]
 
 
 def collect_results(results_dir: str | Path) -> list[RunRecord]:

@@ -62,6 +62,12 @@ def test_a_complete_run_wins_over_a_stale_error_record(tmp_path: Path) -> None:
     write_run(tmp_path, config, 300, [400] * 5)
     records, left_out = collect_runs(tmp_path)
     assert [r.run_id for r in records] == [config.run_id()] and left_out == []
+    # a failed copy of the same run id in another folder is not listed either
+    copy = tmp_path / "copy" / "other-name"
+    rundir.write_json_atomic(
+        copy / rundir.ERROR_FILE, {"error": "x", "kind": "exception", "run_id": config.run_id()}
+    )
+    assert collect_runs(tmp_path)[1] == []
 
 
 def test_non_finite_results_are_left_out(tmp_path: Path) -> None:
