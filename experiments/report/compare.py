@@ -140,9 +140,17 @@ def fair_choice(
     The rule is the module docstring's. ``tolerance`` (a fraction) defaults to
     :data:`DEFAULT_TOLERANCE` of the baseline's data set (0 for an unknown one).
 
+    ``records`` are the runs of one setting (the report also passes all epoch caps of one
+    setting together, for the compute figure).
+
     Returns:
         None when ``records`` hold no baseline-method run that is not flagged.
+
+    Raises:
+        ValueError: ``tolerance`` is not a finite fraction in [0, 1).
     """
+    if tolerance is not None and not 0.0 <= float(tolerance) < 1.0:
+        raise ValueError(f"fair_choice: tolerance must be a fraction in [0, 1), got {tolerance}")
     baselines = [r for r in records if r.method == "baseline" and not r.degenerate]
     if not baselines:
         return None

@@ -113,6 +113,9 @@ def test_default_tolerance_is_the_data_sets() -> None:
     fc = fair_choice(runs)
     assert fc.tolerance == 0.0039 and fc.best["moment"].run_id == "m"
     assert fair_choice([record("b", "baseline", 0.9, 0.5, dataset="new")]).tolerance == 0.0
+    for bad in (-0.01, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="tolerance"):
+            fair_choice(runs, bad)
 
 
 # --------------------------------------------------------------------------- on run folders
