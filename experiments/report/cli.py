@@ -35,6 +35,10 @@ def parse_tolerances(items: Sequence[str]) -> dict[str, float]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.bootstrap < 10:
+        raise ValueError(f"--bootstrap must be at least 10, got {args.bootstrap}")
+    if not 0.0 < args.level < 1.0:
+        raise ValueError(f"--level must be in (0, 1), got {args.level}")
     path = write_report(
         args.results_dir,
         args.out,

@@ -119,12 +119,17 @@ def test_report_of_an_empty_directory_is_an_error(tmp_path: Path) -> None:
         write_report(tmp_path)
 
 
-def test_the_report_command_has_no_device_option(tmp_path: Path) -> None:
-    """``report --device`` did nothing; it is gone (argparse refuses it, exit 2)."""
+def test_the_report_command_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``report --device`` did nothing; it is gone (argparse refuses it, exit 2). Bad
+    bootstrap settings are one-line errors naming the flag."""
     parser = build_parser()
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["report", str(tmp_path), "--device", "cpu"])
     assert exc.value.code == 2
+    for flag, value in (("--bootstrap", "5"), ("--level", "1")):
+        assert report_main(["report", str(tmp_path), flag, value]) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()  # refused before anything is written
     args = parser.parse_args(["report", str(tmp_path)])
     assert (args.bootstrap, args.level, args.seed, args.out) == (2000, 0.95, 0, None)
 
