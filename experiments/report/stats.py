@@ -30,6 +30,7 @@ __all__ = [
     "BOOTSTRAP_METHOD",
     "Interval",
     "compare_records",
+    "finite_or_none",
     "paired_bootstrap",
     "per_image_robustness",
     "trapezoid_weights",
