@@ -10,7 +10,9 @@ A run folder (``RESULTS_DIR/runs/<run_id>`` in a grid, or any ``--out`` folder) 
 * ``per_image.npz``: ``correct`` ``(n_test,)`` and ``robust`` ``(n_sigmas, n_test)``;
 * ``error.json`` and ``traceback.txt``: why the last attempt failed (a diverged run,
   an exception), kept until the run succeeds;
-* ``lock.json``: which process is running it (grids only).
+* ``lock.json``: which process is running it (grids only);
+* ``certify-sigma<S>.json``: randomized-smoothing certificates of the run's model at noise
+  ``S`` (``python -m experiments certify``; one file per sigma, :func:`certify_file`).
 
 Every file is written atomically (a temporary file in the same folder, then
 ``os.replace``), so a reader never sees half a file, whatever kills the writer. JSON
@@ -36,6 +38,13 @@ PER_IMAGE_FILE = "per_image.npz"
 ERROR_FILE = "error.json"
 TRACEBACK_FILE = "traceback.txt"
 LOCK_FILE = "lock.json"
+CERTIFY_PATTERN = "certify-sigma*.json"
+"""Glob of the certificate files of a run folder (one per certification sigma)."""
+
+
+def certify_file(sigma: float) -> str:
+    """File name of the certificates at noise ``sigma``: ``certify-sigma{sigma:g}.json``."""
+    return f"certify-sigma{float(sigma):g}.json"
 
 COMPLETE_KEYS = ("config", "test_accuracy", "robustness")
 """Keys a ``results.json`` must hold for the run to count as complete."""

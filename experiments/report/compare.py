@@ -42,6 +42,7 @@ __all__ = [
     "COMPARED_METHODS",
     "DEFAULT_TOLERANCE",
     "FairComparison",
+    "chosen_pairs",
     "cost_table",
     "fair_choice",
     "fair_comparison",
@@ -190,15 +191,20 @@ def fair_comparison(
     fc = fair_choice(records, tolerance)
     if fc is None:
         return None
+    for name, a, b in chosen_pairs(fc):
+        fc.comparisons[name] = compare_records(a, b, n_boot=n_boot, level=level, seed=seed)
+    return fc
+
+
+def chosen_pairs(fc: FairComparison) -> list[tuple[str, RunRecord, RunRecord]]:
+    """``(name, a, b)`` for ``"moment vs augment"``, ``"moment vs baseline"`` and
+    ``"augment vs baseline"`` between the chosen runs, leaving out a method with none."""
     pairs = [
         ("moment vs augment", fc.best.get("moment"), fc.best.get("augment")),
         ("moment vs baseline", fc.best.get("moment"), fc.baseline),
         ("augment vs baseline", fc.best.get("augment"), fc.baseline),
     ]
-    for name, a, b in pairs:
-        if a is not None and b is not None:
-            fc.comparisons[name] = compare_records(a, b, n_boot=n_boot, level=level, seed=seed)
-    return fc
+    return [(name, a, b) for name, a, b in pairs if a is not None and b is not None]
 
 
 def cost_table(records: Iterable[RunRecord]) -> list[dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 * :func:`plot_accuracy_robustness`: the paper's Figure 3;
 * :func:`plot_fair`: Figures 4 and 5 (robustness curves and R with intervals);
-* :func:`plot_compute`: R against training time and gradient steps.
+* :func:`plot_compute`: R against training time and gradient steps;
+* :func:`plot_certified`: certified accuracy against radius (randomized smoothing).
 
 Runs whose predictions are flagged as (nearly) constant are drawn with an ``x`` marker.
 """
@@ -13,12 +14,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from experiments.config import METHODS
+from experiments.report.certificates import Certificate
 from experiments.report.compare import COMPARED_METHODS, FairComparison
 from experiments.report.records import RunRecord
 from experiments.report.stats import Interval
 
-__all__ = ["figure_slug", "plot_accuracy_robustness", "plot_compute", "plot_fair"]
+__all__ = [
+    "certified_curve_points",
+    "figure_slug",
+    "plot_accuracy_robustness",
+    "plot_certified",
+    "plot_compute",
+    "plot_fair",
+]
 
 _COLORS = {"baseline": "black", "augment": "tab:blue", "moment": "tab:red"}
 
@@ -191,5 +202,48 @@ def plot_compute(
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def certified_curve_points(cert: Certificate, points: int = 501) -> tuple[np.ndarray, np.ndarray]:
+    """``(radii, accuracy)`` of the certified-accuracy curve, exact at every point.
+
+    ``radii`` is a grid of ``points`` radii from 0 to 1.05 times the largest certified
+    radius, joined with every distinct radius of a correct image (where the step function
+    jumps); ``accuracy`` is :meth:`Certificate.curve` there. The curve is constant on each
+    ``(radii[k-1], radii[k]]``, so drawing it with ``drawstyle="steps-pre"`` is exact.
+    """
+    good = cert.radius[cert.correct]
+    top = float(good.max()) if good.size else 0.0
+    radii = np.union1d(np.linspace(0.0, max(1.05 * top, 1e-3), points), good)
+    return radii, cert.curve(radii)
+
+
+def plot_certified(
+    certified: Sequence[tuple[RunRecord, Certificate]], path: Path, title: str
+) -> Path:
+    """Certified accuracy against radius, one step curve per (run, certificate); the
+    legend gives each run's ACR, certified images and ``n``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for rec, cert in certified:
+        radii, acc = certified_curve_points(cert)
+        ax.plot(
+            radii,
+            acc,
+            drawstyle="steps-pre",
+            color=_COLORS.get(rec.method),
+            ls="-" if rec.method != "augment" else "--",
+            label=f"{rec.label()} (ACR {cert.acr:.3f}, {cert.n_images} images, n={cert.n})",
+        )
+    ax.set_xlabel("radius (pixel units)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=110)
     return path

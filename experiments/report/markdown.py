@@ -3,19 +3,24 @@
 :func:`write_report` loads the runs (:mod:`~experiments.report.records`), groups them by
 setting and writes, per setting: the run table and Figure 3, the fair comparison (Figures 4
 and 5, :func:`~experiments.report.compare.fair_comparison`) with paired intervals, every run
-against the baseline, and the training cost; per setting without the epoch cap: robustness
-against compute and the declared matched-compute pairs; at the end the runs left out
-(failed, diverged or invalid results) with the reason. Runs whose predictions are flagged
+against the baseline, the certified robustness of the runs that hold randomized-smoothing
+certificates (:func:`~experiments.report.smoothing.certified_section`) and the training
+cost; per setting without the epoch cap: robustness against compute and the declared
+matched-compute pairs; at the end the runs left out (failed, diverged or invalid results)
+with the reason. Runs whose predictions are flagged
 as (nearly) constant are marked wherever they appear and never chosen as a method's best.
 
-``summary.json`` is strict JSON: a number that is not finite (a factor with no qualifying
-run, a ratio interval with R = 0) is written as ``null``.
+``summary.json`` holds ``settings`` (the fair comparison per setting), ``certified`` (per
+setting with certificates: each run's recomputed certificate summary per certification
+sigma, the figure files and the paired ACR comparisons) and ``left_out``. It is strict
+JSON: a number that is not finite (a factor with no qualifying run, a ratio interval with
+R = 0) is written as ``null``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,36 +42,24 @@ from experiments.report.figures import (
     plot_compute,
     plot_fair,
 )
+from experiments.report.mdtable import FLAG, by_method, md_table, run_name
 from experiments.report.records import (
     LeftOutRun,
     RunRecord,
     collect_runs,
-    method_order,
     results_table,
     write_csv,
 )
-from experiments.report.stats import BOOTSTRAP_METHOD, Interval, compare_records, finite_or_none
+from experiments.report.smoothing import certified_section
+from experiments.report.stats import (
+    BOOTSTRAP_METHOD,
+    Interval,
+    compare_records,
+    finite_or_none,
+    intervals_json,
+)
 
 __all__ = ["write_report"]
-
-FLAG = "**[degenerate predictions]**"
-"""Mark of a run whose predictions are flagged as (nearly) constant."""
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _name(r: RunRecord) -> str:
-    return f"{r.label()} {FLAG}" if r.degenerate else r.label()
-
 
 def _train_s(r: RunRecord) -> float:
     v = r.results.get("train_time_s")
@@ -75,7 +68,7 @@ def _train_s(r: RunRecord) -> float:
 
 def _run_row(r: RunRecord) -> list[Any]:
     return [
-        _name(r),
+        run_name(r),
         f"{r.accuracy:.4f}",
         f"{r.robustness:.4f}",
         r.results.get("epochs_run"),
@@ -86,10 +79,6 @@ def _run_row(r: RunRecord) -> list[Any]:
 
 
 _RUN_HEADER = ("run", "accuracy", "R", "epochs run", "grad. steps", "train s", "run id")
-
-
-def _by_method(records: Iterable[RunRecord]) -> list[RunRecord]:
-    return sorted(records, key=lambda r: (method_order(r.method), r.label(), r.run_id))
 
 
 def _flag_note(records: Sequence[RunRecord]) -> list[str]:
@@ -129,11 +118,11 @@ def _against_baseline(
 ) -> str:
     """Markdown table: each run's accuracy and robustness differences to the baseline."""
     rows = []
-    for r in _by_method(r for r in records if r.run_id != fc.baseline.run_id):
+    for r in by_method(r for r in records if r.run_id != fc.baseline.run_id):
         iv = compare_records(r, fc.baseline, n_boot=n_boot, level=level, seed=seed)
         rows.append(
             [
-                _name(r),
+                run_name(r),
                 f"{r.accuracy:.4f}",
                 iv["accuracy_diff"].fmt(2, pct=True),
                 f"{r.robustness:.4f}",
@@ -143,7 +132,7 @@ def _against_baseline(
             ]
         )
     header = ("run", "accuracy", "acc. - baseline (points)", "R", "R - baseline", "R / baseline")
-    return _md_table(header + ("qualifies",), rows)
+    return md_table(header + ("qualifies",), rows)
 
 
 def _fair_section(
@@ -169,7 +158,7 @@ def _fair_section(
     md += [
         f"![fair comparison]({fig.name})",
         "",
-        _md_table(
+        md_table(
             ("method",) + _RUN_HEADER,
             [["baseline"] + _run_row(fc.baseline)]
             + [
@@ -192,10 +181,7 @@ def _fair_section(
         "best": {m: (r.run_id if r else None) for m, r in fc.best.items()},
         "flagged": [r.run_id for r in fc.flagged],
         "factor": finite_or_none(fc.factor),
-        "comparisons": {
-            n: {k: {f: finite_or_none(v) for f, v in vars(i).items()} for k, i in iv.items()}
-            for n, iv in fc.comparisons.items()
-        },
+        "comparisons": {n: intervals_json(iv) for n, iv in fc.comparisons.items()},
     }
     return md, summary
 
@@ -205,13 +191,14 @@ def _cost_section(recs: Sequence[RunRecord]) -> list[str]:
     header += ("median grad. steps", "total wall s")
     keys = ("method", "runs", "wall_time_s", "train_time_s", "epochs_run", "gradient_steps")
     keys += ("total_wall_time_s",)
-    table = _md_table(header, ([c[k] for k in keys] for c in cost_table(recs)))
+    table = md_table(header, ([c[k] for k in keys] for c in cost_table(recs)))
     return ["### Training cost per method", "", table, ""]
 
 
 def _setting_section(
     setting: dict[str, Any], recs: Sequence[RunRecord], out: Path, tolerance: float, boot: dict
-) -> tuple[list[str], dict[str, Any] | None]:
+) -> tuple[list[str], dict[str, Any] | None, dict[str, Any] | None]:
+    """Markdown of one setting, its fair-comparison and its certified ``summary.json`` entries."""
     title = (
         f"{setting['model']} on {setting['dataset']} (train subset {setting['train_subset']}, "
         f"test subset {setting['test_subset']}, epochs {setting['epochs']}, "
@@ -221,11 +208,12 @@ def _setting_section(
     fig = plot_accuracy_robustness(recs, fig_path, title)
     md = [f"## {title}", "", "### Accuracy and robustness against training sigma (Figure 3)", ""]
     md += [f"![accuracy and robustness]({fig.name})", ""]
-    md += [_md_table(_RUN_HEADER, (_run_row(r) for r in _by_method(recs))), ""]
+    md += [md_table(_RUN_HEADER, (_run_row(r) for r in by_method(recs))), ""]
     md += _flag_note(recs)
     fc = fair_comparison(recs, tolerance=tolerance, **boot)
     fair_md, summary = _fair_section(fc, recs, out, title, boot)
-    return md + fair_md + _cost_section(recs), summary
+    cert_md, certified = certified_section(setting, recs, fc, out, title, boot)
+    return md + fair_md + cert_md + _cost_section(recs), summary, certified
 
 
 def _matched_section(
@@ -249,8 +237,8 @@ def _matched_section(
     header += ("grad. steps run / ref", "train s run / ref")
     rows = (
         [
-            f"{_name(a)} ({a.config['epochs']} ep)",
-            f"{_name(b)} ({b.config['epochs']} ep)",
+            f"{run_name(a)} ({a.config['epochs']} ep)",
+            f"{run_name(b)} ({b.config['epochs']} ep)",
             d["by"],
             f"{a.accuracy:.4f} / {b.accuracy:.4f}",
             f"{a.robustness:.4f} / {b.robustness:.4f}",
@@ -259,7 +247,7 @@ def _matched_section(
         ]
         for a, b, d, _ in pairs
     )
-    md += [_md_table(header, rows), ""]
+    md += [md_table(header, rows), ""]
     for a, b, _, iv in pairs:
         md += _comparison_lines(f"{a.label()} vs {b.label()} (matched compute)", iv)
     return md + [""]
@@ -278,7 +266,7 @@ def _left_out_section(left_out: Sequence[LeftOutRun]) -> list[str]:
         [r.run_id, r.label, r.kind, "" if r.epoch is None else r.epoch, r.error.replace("|", "/")]
         for r in left_out
     )
-    return md + [_md_table(("run id", "run", "kind", "epoch", "error"), rows), ""]
+    return md + [md_table(("run id", "run", "kind", "epoch", "error"), rows), ""]
 
 
 def write_report(
@@ -333,15 +321,17 @@ def write_report(
         "training seed variation.",
         "",
     ]
-    summary: dict[str, Any] = {"header": header, "settings": []}
+    summary: dict[str, Any] = {"header": header, "settings": [], "certified": []}
     for key, recs in group_by_setting(records).items():
         setting = dict(key)
-        section, entry = _setting_section(
+        section, entry, certified = _setting_section(
             setting, recs, out, tol.get(str(setting["dataset"]), 0.0), boot
         )
         md += section
         if entry is not None:
             summary["settings"].append(entry)
+        if certified is not None:
+            summary["certified"].append(certified)
     declared = read_matched(root)
     for key, recs in group_by_setting(records, with_epochs=False).items():
         setting = dict(key)

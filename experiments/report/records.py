@@ -21,7 +21,7 @@ import io
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,14 @@ import numpy as np
 
 from experiments import rundir
 from experiments.config import METHODS
+from experiments.report.certificates import CERTIFIED_RADII, Certificate, load_certificates
 
 __all__ = [
+    "CERTIFIED_COLUMNS",
     "LeftOutRun",
     "RunRecord",
     "TABLE_COLUMNS",
+    "certified_row",
     "collect_results",
     "collect_runs",
     "method_order",
@@ -60,12 +63,15 @@ def run_label(config: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """One complete run: its folder, config and ``results.json`` content."""
+    """One complete run: its folder, config, ``results.json`` content and its
+    randomized-smoothing certificates (one per certification sigma, sorted by sigma; empty
+    when the run was not certified)."""
 
     run_id: str
     path: Path
     config: dict[str, Any]
     results: dict[str, Any]
+    certificates: tuple[Certificate, ...] = field(default=(), compare=False)
 
     @property
     def method(self) -> str:
@@ -102,6 +108,10 @@ class RunRecord:
 
     def label(self) -> str:
         return run_label(self.config)
+
+    def certificate(self, sigma: float) -> Certificate | None:
+        """The certificates at certification noise ``sigma`` (``None`` when there are none)."""
+        return next((c for c in self.certificates if c.sigma == float(sigma)), None)
 
     def per_image(self) -> tuple[np.ndarray, np.ndarray]:
         """``correct`` (n_test,) bool and ``robust`` (n_sigmas, n_test) bool from per_image.npz."""
@@ -152,7 +162,7 @@ def _record_or_reason(rdir: Path, res: dict[str, Any]) -> RunRecord | str:
             f"robustness {rob['auc']!r}"
         )
     rid = str(res.get("run_id") or rdir.name)
-    return RunRecord(rid, rdir, dict(config), res)
+    return RunRecord(rid, rdir, dict(config), res, load_certificates(rdir))
 
 
 def _left_out(
@@ -228,6 +238,14 @@ _RESULT_COLUMNS += ("gradient_steps", "device", "version")
 _ROBUSTNESS_COLUMNS = ("robustness_auc", "robustness_mean", "robustness_ci_low")
 _ROBUSTNESS_COLUMNS += ("robustness_ci_high",)
 _FLAG_COLUMNS = ("degenerate_predictions", "top_class_fraction")
+CERTIFIED_COLUMNS = ("certify_sigma", "certify_n0", "certify_n", "certify_alpha")
+CERTIFIED_COLUMNS += ("certified_images",)
+CERTIFIED_COLUMNS += tuple(f"certified_accuracy_r{r:g}" for r in CERTIFIED_RADII)
+CERTIFIED_COLUMNS += ("acr", "abstain_rate")
+"""Certificate columns of :func:`results_table`: the certification sigma, ``n0``, ``n`` and
+``alpha``, the number of certified images, the certified accuracy at each radius of
+:data:`~experiments.report.certificates.CERTIFIED_RADII`, the ACR and the abstention rate,
+all recomputed from the per-image certificates."""
 TABLE_COLUMNS = (
     ("run_id",)
     + _CONFIG_COLUMNS
@@ -235,13 +253,27 @@ TABLE_COLUMNS = (
     + _ROBUSTNESS_COLUMNS
     + _FLAG_COLUMNS
     + _RESULT_COLUMNS
+    + CERTIFIED_COLUMNS
 )
 """Columns of :func:`results_table` and ``results.csv``."""
 
 
-def results_table(records: Iterable[RunRecord]) -> list[dict[str, Any]]:
-    """One row (a dict over :data:`TABLE_COLUMNS`) per run, sorted by setting, method, sigma.
+def certified_row(cert: Certificate | None) -> dict[str, Any]:
+    """The :data:`CERTIFIED_COLUMNS` of one certificate (all ``None`` for ``None``)."""
+    if cert is None:
+        return dict.fromkeys(CERTIFIED_COLUMNS)
+    values = (cert.sigma, cert.n0, cert.n, cert.alpha, cert.n_images)
+    values += tuple(float(a) for a in cert.curve(CERTIFIED_RADII))
+    values += (cert.acr, cert.abstain_rate)
+    return dict(zip(CERTIFIED_COLUMNS, values, strict=True))
 
+
+def results_table(records: Iterable[RunRecord]) -> list[dict[str, Any]]:
+    """One row (a dict over :data:`TABLE_COLUMNS`) per run and certification sigma, sorted
+    by setting, method, sigma, run id and certification sigma.
+
+    A run without certificates has one row, its :data:`CERTIFIED_COLUMNS` ``None``; a run
+    certified at k sigmas has k rows, equal but for those columns.
     ``degenerate_predictions`` is True for a run whose results flag (nearly) constant
     predictions (:attr:`RunRecord.degenerate`).
     """
@@ -250,17 +282,16 @@ def results_table(records: Iterable[RunRecord]) -> list[dict[str, Any]]:
         rob = r.results["robustness"]
         ci = rob.get("ci") or [None, None]
         robustness = (rob["auc"], rob.get("mean"), ci[0], ci[1])
-        rows.append(
-            {
-                "run_id": r.run_id,
-                **{k: r.config.get(k) for k in _CONFIG_COLUMNS},
-                "test_accuracy": r.results["test_accuracy"],
-                **dict(zip(_ROBUSTNESS_COLUMNS, robustness, strict=True)),
-                "degenerate_predictions": r.degenerate,
-                "top_class_fraction": r.top_class_fraction,
-                **{k: r.results.get(k) for k in _RESULT_COLUMNS},
-            }
-        )
+        row = {
+            "run_id": r.run_id,
+            **{k: r.config.get(k) for k in _CONFIG_COLUMNS},
+            "test_accuracy": r.results["test_accuracy"],
+            **dict(zip(_ROBUSTNESS_COLUMNS, robustness, strict=True)),
+            "degenerate_predictions": r.degenerate,
+            "top_class_fraction": r.top_class_fraction,
+            **{k: r.results.get(k) for k in _RESULT_COLUMNS},
+        }
+        rows += [row | certified_row(c) for c in r.certificates or (None,)]
 
     def order(row: Mapping[str, Any]) -> tuple:
         return (
@@ -271,6 +302,7 @@ def results_table(records: Iterable[RunRecord]) -> list[dict[str, Any]]:
             float(row["alpha"] or 0) + float(row["folds"] or 0),
             float(row["sigma"] or 0),
             str(row["run_id"]),
+            float(row["certify_sigma"] or 0),
         )
 
     return sorted(rows, key=order)

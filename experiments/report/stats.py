@@ -13,24 +13,35 @@ intervals of each model's accuracy and R, of the differences and of the ratio of
 difference of means the interval approaches ``d +- z * sd(d_i) / sqrt(n)``; the ratio
 interval carries the uncertainty of a claim such as "twice as robust". It conditions on
 the trained models: it does not cover seed-to-seed variation of training.
+
+**Certified radii** (:func:`compare_certificates`) are compared the same way: the ACR is the
+mean of the per-image certified radii ``radius_i * [correct_i]``, so the paired bootstrap
+of two runs certified on the same images gives intervals for the ACR difference and ratio,
+and for the difference of certified accuracies at radius 0 (the smoothed classifiers'
+accuracies, abstentions counting as errors).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
+from experiments.report.certificates import Certificate
 from experiments.report.records import RunRecord
 
 __all__ = [
     "BOOTSTRAP_METHOD",
     "Interval",
+    "certificates_comparable",
+    "compare_certificates",
     "compare_records",
     "finite_or_none",
+    "intervals_json",
     "paired_bootstrap",
     "per_image_robustness",
     "trapezoid_weights",
@@ -206,3 +217,61 @@ def finite_or_none(value: float) -> float | None:
     """``value`` as a float, or ``None`` when it is nan or infinite (for strict JSON)."""
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def intervals_json(intervals: Mapping[str, Interval]) -> dict[str, dict[str, float | None]]:
+    """Named intervals as strict-JSON dicts ``{estimate, low, high, level}`` (nan: ``None``)."""
+    return {
+        k: {f: finite_or_none(v) for f, v in vars(i).items()} for k, i in intervals.items()
+    }
+
+
+_CERTIFIED_NAMES = {
+    "accuracy_a": "certified_accuracy_a",
+    "accuracy_b": "certified_accuracy_b",
+    "accuracy_diff": "certified_accuracy_diff",
+    "robustness_a": "acr_a",
+    "robustness_b": "acr_b",
+    "robustness_diff": "acr_diff",
+    "robustness_ratio": "acr_ratio",
+}
+
+
+def certificates_comparable(a: Certificate, b: Certificate) -> bool:
+    """True when ``a`` and ``b`` certify the same image indices at the same sigma, n, alpha."""
+    return a.settings() == b.settings() and np.array_equal(a.index, b.index)
+
+
+def compare_certificates(
+    a: Certificate, b: Certificate, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, Interval]:
+    """Paired bootstrap of two runs' certificates on the same images (:func:`paired_bootstrap`).
+
+    The per-image score is the certified radius ``radius_i * [correct_i]`` (mean: the ACR)
+    and the per-image correctness is ``correct_i`` (mean: certified accuracy at radius 0).
+
+    Returns:
+        Intervals ``certified_accuracy_a``, ``certified_accuracy_b``,
+        ``certified_accuracy_diff`` (a - b), ``acr_a``, ``acr_b``, ``acr_diff`` (a - b) and
+        ``acr_ratio`` (a / b; nan when an ACR of b is 0, as in :func:`paired_bootstrap`).
+
+    Raises:
+        ValueError: the certificates differ in sigma, n, alpha or image indices
+            (:func:`certificates_comparable`), or hold fewer than 2 images.
+    """
+    if not certificates_comparable(a, b):
+        raise ValueError(
+            f"compare_certificates: {a.path} and {b.path} do not certify the same images at "
+            f"the same (sigma, n, alpha): {a.settings()} with {a.n_images} images against "
+            f"{b.settings()} with {b.n_images}"
+        )
+    iv = paired_bootstrap(
+        a.correct,
+        a.certified_radius,
+        b.correct,
+        b.certified_radius,
+        n_boot=n_boot,
+        level=level,
+        seed=seed,
+    )
+    return {_CERTIFIED_NAMES[k]: v for k, v in iv.items()}
