@@ -140,3 +140,50 @@ def record(
     config = {"dataset": dataset, "model": "lenet", "method": method, "sigma": 0.5}
     config |= {"alpha": 1.0, "folds": 2}
     return RunRecord(run_id, Path(run_id), config, results)
+
+
+def certificate_json(
+    sigma: float,
+    label: list[int],
+    prediction: list[int],
+    radius: list[float],
+    *,
+    index: list[int] | None = None,
+    n: int = 10_000,
+    alpha: float = 0.001,
+    summary: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A ``certify-sigma<S>.json`` content; its summary written out by hand (loops over
+    images) unless ``summary`` is given."""
+    index = list(range(len(label))) if index is None else index
+    images = [
+        {"index": i, "label": y, "prediction": p, "radius": r, "p_lower": 0.9, "correct": p == y}
+        for i, y, p, r in zip(index, label, prediction, radius, strict=True)
+    ]
+    if summary is None:
+        count = len(images)
+        acc = {}
+        for level in (0.0, 0.25, 0.5, 0.75, 1.0):
+            hits = 0
+            for im in images:
+                if im["correct"] and im["radius"] >= level:
+                    hits += 1
+            acc[str(level)] = hits / count
+        total = 0.0
+        for im in images:
+            total += im["radius"] if im["correct"] else 0.0
+        summary = {
+            "certified_accuracy": acc,
+            "acr": total / count,
+            "abstain_rate": sum(im["prediction"] == -1 for im in images) / count,
+            "n_images": count,
+        }
+    settings = {"sigma": sigma, "n0": 100, "n": n, "alpha": alpha, "seed": 0, "version": "t"}
+    return {**settings, "images": images, "summary": summary}
+
+
+def write_certificates(rdir: Path, sigma: float, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Write :func:`certificate_json` into ``rdir`` as the certify command names it."""
+    obj = certificate_json(sigma, *args, **kwargs)
+    rundir.write_json_atomic(rdir / rundir.certify_file(sigma), obj)
+    return obj

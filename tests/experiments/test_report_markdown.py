@@ -109,6 +109,9 @@ def test_failed_and_flagged_runs_in_the_report(tmp_path: Path) -> None:
     }
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()[2:]))
     assert len(rows) == 3
+    # no run holds certificates: no certified section, figure, summary entry or values
+    assert "Certified robustness" not in text and not list(out.glob("certified_*.png"))
+    assert summary["certified"] == [] and all(r["acr"] == "" for r in rows)
 
 
 def test_report_of_an_empty_directory_is_an_error(tmp_path: Path) -> None:
