@@ -130,10 +130,16 @@ def certified_section(
         entry["figures"].append(fig.name)
         md += [f"![certified accuracy against radius, sigma {sigma:g}]({fig.name})", ""]
         certs = {r.run_id: c for r, c in at_sigma}
-        for pair, a, b in chosen_pairs(fc) if fc is not None else []:
-            ca, cb = certs.get(a.run_id), certs.get(b.run_id)
-            if ca is None or cb is None:
-                continue
+        pairs = [
+            (pair, a, b, certs[a.run_id], certs[b.run_id])
+            for pair, a, b in (chosen_pairs(fc) if fc is not None else [])
+            if a.run_id in certs and b.run_id in certs
+        ]
+        if not pairs:
+            md += [f"No paired comparison at sigma {sigma:g}: no two of the fair comparison's "
+                   "chosen runs are certified at it.", ""]
+            continue
+        for pair, a, b, ca, cb in pairs:
             if not certificates_comparable(ca, cb):
                 md += [f"- **{pair}** at sigma {sigma:g}: not compared (the runs were not "
                        "certified on the same images with the same n and alpha)"]

@@ -191,6 +191,12 @@ def test_report_section_figures_and_strict_summary(tmp_path: Path) -> None:
     out = tmp_path / "report"
     write_report(tmp_path, n_boot=50)
     text = (out / "report.md").read_text()
+    assert "No paired comparison at sigma 0.5: no two of the fair comparison's" in text
+    # aug2 certified at 0.5 on only 5 of the images: said, not compared
+    write_certificates(dirs["aug2"], 0.5, LABEL[:5], PRED[:5], RADIUS[:5])
+    write_report(tmp_path, n_boot=50)
+    text = (out / "report.md").read_text()
+    assert "- **moment vs augment** at sigma 0.5: not compared (the runs were not" in text
     section = text.split("### Certified robustness (randomized smoothing)")[1].split("###")[0]
     mom = "| moment alpha=1 sigma=0.5 | 0.25 | 10 | 10000 | 0.001 | "
     assert mom + "0.7000 | 0.5000 | 0.3000 | 0.2000 | 0.1000 | 0.3100 | 0.2000 | 0.9025 |" in (
@@ -205,7 +211,7 @@ def test_report_section_figures_and_strict_summary(tmp_path: Path) -> None:
         assert (out / f"certified_lenet-mnist-e3-s0-cs{sigma}.png").stat().st_size > 1000
     summary = _strict((out / "summary.json").read_text())
     (entry,) = summary["certified"]
-    assert len(entry["runs"]) == 3 and len(entry["figures"]) == 2
+    assert len(entry["runs"]) == 4 and len(entry["figures"]) == 2
     runs = {(e["run_id"], e["sigma"]): e for e in entry["runs"]}
     mom1_id = next(r for r in collect_runs(tmp_path)[0] if r.path == dirs["mom1"]).run_id
     assert runs[(mom1_id, 0.25)]["certified_accuracy"]["0.75"] == 0.2
