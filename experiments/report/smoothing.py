@@ -13,7 +13,7 @@ For the runs of one setting that hold certificates
   method's best) that are certified;
 * per certification sigma, paired bootstrap intervals of the ACR difference between the
   chosen runs (:func:`~experiments.report.stats.compare_certificates`), where both runs
-  certified the same images at the same sigma, n and alpha.
+  certified the same images (at least 2) at the same sigma, n and alpha.
 
 A setting whose runs hold no certificates gets no section.
 """
@@ -140,9 +140,9 @@ def certified_section(
                    "chosen runs are certified at it.", ""]
             continue
         for pair, a, b, ca, cb in pairs:
-            if not certificates_comparable(ca, cb):
+            if not certificates_comparable(ca, cb) or ca.n_images < 2:
                 md += [f"- **{pair}** at sigma {sigma:g}: not compared (the runs were not "
-                       "certified on the same images with the same n and alpha)"]
+                       "certified on the same images, at least 2, with the same n and alpha)"]
                 continue
             iv = compare_certificates(ca, cb, **boot)
             md += [_comparison_line(pair, sigma, ca.n_images, iv)]

@@ -19,13 +19,16 @@ from experiments.report import (
     TABLE_COLUMNS,
     collect_runs,
     compare_certificates,
+    fair_choice,
     load_certificates,
     results_table,
+    setting_key,
     write_report,
 )
 from experiments.report.certificates import Certificate
 from experiments.report.figures import certified_curve_points
 from experiments.report.records import write_csv
+from experiments.report.smoothing import certified_section
 from tests.experiments.report_runs import (
     EPS,
     RUNS,
@@ -272,3 +275,19 @@ def test_paired_acr_comparison_refuses_different_images_or_settings() -> None:
         with pytest.raises(ValueError, match="same images at the same"):
             compare_certificates(base, other)
     assert compare_certificates(base, _cert(r, ok), n_boot=50)["acr_diff"].estimate == 0.0
+
+
+def test_a_single_certified_image_is_not_compared(tmp_path: Path) -> None:
+    """The paired bootstrap needs 2 images; a section with one certified image per run says
+    so instead of failing, and draws the figure."""
+    configs = synthetic_runs(tmp_path)
+    for name in ("mom1", "aug2"):
+        write_certificates(executors.run_dir(tmp_path, configs[name]), 2.0, [0], [0], [1.5])
+    records, _ = collect_runs(tmp_path)
+    fc = fair_choice(records)
+    setting = dict(setting_key(records[0].config))
+    md, entry = certified_section(setting, records, fc, tmp_path, "t", {"n_boot": 20})
+    assert "- **moment vs augment** at sigma 2: not compared" in "\n".join(md)
+    assert entry is not None and entry["comparisons"] == [] and len(entry["runs"]) == 2
+    assert (tmp_path / entry["figures"][0]).is_file()
+    assert certified_section(setting, records[:0], fc, tmp_path, "t", {}) == ([], None)
