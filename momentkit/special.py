@@ -26,33 +26,57 @@ _SQRT2 = math.sqrt(2.0)
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _SQRT_PI_OVER_2 = math.sqrt(math.pi / 2.0)
 
-# 20-point Gauss-Legendre rule on [-1, 1]; Genz (2004) shows it reaches double
-# precision for every correlation once |rho| >= 0.925 switches to the
-# high-correlation form below.
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(20)
-# |rho| below this: integrate in asin(rho); above: Drezner-Wesolowsky's
-# transformation, which stays accurate as rho -> +-1 (Genz 2004, Section 2.1).
-_BVN_HIGH_CORRELATION = 0.925
+GL_POINTS = 20
+"""Gauss-Legendre points of both bivariate-cdf quadratures. Genz (2004) uses 6 points for
+``|rho| < 0.3``, 12 for ``|rho| < 0.75`` and 20 above; 20 everywhere costs a little more
+at low correlation and removes two branch switches (each region is still tested against
+mpmath on its own)."""
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(GL_POINTS)
+
+BVN_HIGH_CORRELATION = 0.925
+"""``|rho|`` below this: Gauss-Legendre in ``theta`` over ``[0, asin(rho)]`` (Sheppard's
+formula); from it on: Drezner and Wesolowsky's transformation to ``rho = +-1`` plus a
+correction integral, which stays accurate as ``rho -> +-1`` where the first integrand
+(``1 / (1 - sin^2 theta)``) turns singular. 0.925 is Genz's (2004) switch, where both
+forms reach double precision with 20 points."""
+
+BVN_HK_CUTOFF = -160.0
+"""High-correlation branch: the term ``exp(-hk/2) Phi(-b/a) ...`` is dropped where
+``hk <= -160`` (``hk`` after flipping ``k`` for ``rho < 0``). There ``exp(-hk/2)`` would
+overflow towards ``exp(80)``, while ``Phi(-|h - k|/a)`` with ``|h - k| >= 2 sqrt(-hk)``
+has already underflowed to 0 (``|h - k| / a >= 25 / sqrt(1 - 0.925^2) > 38.5``), so the
+product is exactly 0 in float64 either side of the cutoff."""
+
+
+def _upcast(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """``x`` in float32 at least (half precision is computed in float32, since its
+    ``exp`` and ``erfc`` would lose the relative accuracy in the tails), and the dtype
+    to return."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)), x.dtype
 
 
 def normal_pdf(x: torch.Tensor) -> torch.Tensor:
     """Standard normal density ``phi(x)``."""
-    return torch.exp(-0.5 * x * x) / _SQRT_2PI
+    x, dtype = _upcast(x)
+    return (torch.exp(-0.5 * x * x) / _SQRT_2PI).to(dtype)
 
 
 def normal_cdf(x: torch.Tensor) -> torch.Tensor:
     """Standard normal cdf ``Phi(x)``, relatively accurate in the lower tail."""
-    return 0.5 * torch.special.erfc(-x / _SQRT2)
+    x, dtype = _upcast(x)
+    return (0.5 * torch.special.erfc(-x / _SQRT2)).to(dtype)
 
 
 def log_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     """``log Phi(x)``, finite down to very negative ``x``."""
-    return torch.special.log_ndtr(x)
+    x, dtype = _upcast(x)
+    return torch.special.log_ndtr(x).to(dtype)
 
 
 def mills_ratio(x: torch.Tensor) -> torch.Tensor:
     """Mills ratio ``(1 - Phi(x)) / phi(x)``, computed through ``erfcx``."""
-    return _SQRT_PI_OVER_2 * torch.special.erfcx(x / _SQRT2)
+    x, dtype = _upcast(x)
+    return (_SQRT_PI_OVER_2 * torch.special.erfcx(x / _SQRT2)).to(dtype)
 
 
 def _gl(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +89,7 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     """``P(X > h, Y > k)`` for correlation ``r`` in [-1, 1] (Genz's BVNU), no autograd."""
     nodes, weights = _gl(h)
     two_pi = 2.0 * math.pi
-    low = r.abs() < _BVN_HIGH_CORRELATION
+    low = r.abs() < BVN_HIGH_CORRELATION
 
     # Moderate correlation: Phi(-h) Phi(-k) + 1/(2 pi) int_0^asin(r) exp(...) dtheta.
     r_low = torch.where(low, r, torch.zeros_like(r))
@@ -94,10 +118,9 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     )
     b = torch.sqrt(bs)
     # exp(-hk/2) overflows for hk << 0, where Phi(-b/a) has underflowed already.
-    tail = torch.exp(-torch.clamp(hk2, min=-160.0) / 2.0) * _SQRT_2PI * normal_cdf(-b / a) * b * (
-        1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0
-    )
-    part = part - torch.where(hk2 > -160.0, tail, torch.zeros_like(tail))
+    tail = torch.exp(-torch.clamp(hk2, min=BVN_HK_CUTOFF) / 2.0) * _SQRT_2PI
+    tail = tail * normal_cdf(-b / a) * b * (1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0)
+    part = part - torch.where(hk2 > BVN_HK_CUTOFF, tail, torch.zeros_like(tail))
     half = a / 2.0
     xs = (half.unsqueeze(-1) * (nodes + 1.0)) ** 2
     rs = torch.sqrt(1.0 - xs)
@@ -143,7 +166,9 @@ def bivariate_normal_cdf_partials(
 
 
 class _BivariateNormalCdf(torch.autograd.Function):
-    """Forward by Genz's algorithm, backward by :func:`bivariate_normal_cdf_partials`."""
+    """Forward by Genz's algorithm, backward by :func:`bivariate_normal_cdf_partials`
+    of the saved inputs: differentiable operations, so second derivatives (Hessians) are
+    the exact derivatives of the closed-form partials."""
 
     @staticmethod
     def forward(ctx, h, k, rho):  # noqa: D401
@@ -151,7 +176,6 @@ class _BivariateNormalCdf(torch.autograd.Function):
         return _bvn_upper(-h, -k, rho)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         d_h, d_k, d_rho = bivariate_normal_cdf_partials(*ctx.saved_tensors)
         return grad * d_h, grad * d_k, grad * d_rho
