@@ -166,7 +166,11 @@ def _std_and_corr(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     both = (si > 0) & (sj > 0)
     off = both & ~eye
     denom = torch.where(off, si * sj, torch.ones_like(si * sj))
-    rho = torch.where(off, cov / denom, torch.zeros_like(cov)).clamp(-1.0, 1.0)
+    rho = torch.where(off, cov / denom, torch.zeros_like(cov))
+    # Rounding can push |rho| a hair past 1: clamp the value but pass the gradient, so
+    # that at rho = +-1 it is the one-sided derivative from inside (Price's theorem:
+    # d Cov / d cov_ij = P(X_i > 0, X_j > 0)), where torch's clamp would report 0.
+    rho = rho + (rho.clamp(-1.0, 1.0) - rho).detach()
     return std, rho, both, eye
 
 

@@ -165,6 +165,33 @@ def bivariate_normal_cdf_partials(
     return d_h, d_k, d_rho
 
 
+class _PointMassGuard(torch.autograd.Function):
+    """Identity on the partial derivatives of ``Phi2``, whose own backward pass (a third
+    order for ``Phi2``) refuses the points ``rho = +-1``, ``h = rho k``, where
+    ``Phi2(h, k; +-1)`` has a kink and its second derivatives are unbounded (Dirac
+    masses), rather than report 0 there. Elsewhere at ``rho = +-1`` they are the
+    (exponentially small, in rho) limits, which the closed forms give exactly."""
+
+    @staticmethod
+    def forward(ctx, h, k, rho, d_h, d_k, d_rho):
+        ctx.save_for_backward(h, k, rho)
+        return d_h.view_as(d_h), d_k.view_as(d_k), d_rho.view_as(d_rho)
+
+    @staticmethod
+    def backward(ctx, g_h, g_k, g_rho):
+        h, k, rho = ctx.saved_tensors
+        kink = ((1.0 - rho) * (1.0 + rho) <= 0) & (h == rho * k)
+        if bool(kink.any()):
+            used = sum((g != 0) for g in (g_h, g_k, g_rho) if g is not None)
+            if bool((kink & (used != 0)).any()):
+                raise RuntimeError(
+                    "bivariate_normal_cdf: second derivatives are unbounded at rho = +-1 "
+                    "with h = rho * k (also inside relu_covariance: two perfectly "
+                    "correlated variables with equal mean / std, or opposite for rho = -1)"
+                )
+        return None, None, None, g_h, g_k, g_rho
+
+
 class _BivariateNormalCdf(torch.autograd.Function):
     """Forward by Genz's algorithm, backward by :func:`bivariate_normal_cdf_partials`
     of the saved inputs: differentiable operations, so second derivatives (Hessians) are
@@ -177,7 +204,12 @@ class _BivariateNormalCdf(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        d_h, d_k, d_rho = bivariate_normal_cdf_partials(*ctx.saved_tensors)
+        h, k, rho = ctx.saved_tensors
+        d_h, d_k, d_rho = bivariate_normal_cdf_partials(h, k, rho)
+        if torch.is_grad_enabled():  # a graph is being built: guard the kink at rho = +-1
+            d_h, d_k, d_rho = _PointMassGuard.apply(
+                h.detach(), k.detach(), rho.detach(), d_h, d_k, d_rho
+            )
         return grad * d_h, grad * d_k, grad * d_rho
 
 
