@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from momentkit.errors import MomentInputError
 from momentkit._relu_kernels import CF_TERMS, mills_tail
+from momentkit.errors import MomentInputError
 from momentkit.relu import (
     relu_covariance,
     relu_covariance_zero_mean,
