@@ -34,6 +34,20 @@ number of the dtype (the contract tested is 1e-12 and 1e-5).
 ``s = 0`` (``var = 0``) is legal: the mean is exactly ``ReLU(mu)``, the variance exactly
 0, and the gradients are the limits ``dT/dmu = Phi(+-inf) in {0, 1}`` (``1/2`` at
 ``mu = 0``) and ``dT/ds = phi(z)``.
+
+Derivatives. Every function here has exact first and second derivatives (Hessians,
+gradient penalties; ``gradgradcheck`` in the tests): the backward passes are the
+analytic derivatives written with differentiable operations
+(``momentkit/_relu_kernels.py``, which also holds the branch points as named
+constants). At ``s = 0`` the second derivatives are their limits (0 for ``mu != 0``) and
+never NaN. The covariances' gradient at correlation ``+-1`` is the one-sided limit from
+inside (Price's theorem: ``d Cov / d cov_ij = P(X_i > 0, X_j > 0)``); a second
+derivative that does not exist there (unbounded) raises ``RuntimeError`` naming the
+function rather than returning a number.
+
+Precision. bfloat16 and float16 inputs are computed in float32 (float64 where the
+float32 contract needs it, as above) and results and gradients come back in the input's
+dtype.
 """
 
 from __future__ import annotations
@@ -99,9 +113,10 @@ def _check_pair(mean, spread, mean_name: str, spread_name: str, fn: str, expand:
 def relu_mean_std(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``E[ReLU(X)]`` for ``X ~ N(mean, std^2)``, elementwise (Eq. 1: ``T(mu, s)``).
 
-    Broadcasts ``mean`` and ``std``; returns their broadcast shape in the promoted
-    dtype (float32 at least). ``std = 0`` gives exactly ``ReLU(mean)``. Gradients are
-    the analytic ``dT/dmean = Phi(z)``, ``dT/dstd = phi(z)``.
+    Broadcasts ``mean`` and ``std``; returns their broadcast shape in their promoted
+    dtype (half precision is computed in float32). ``std = 0`` gives exactly
+    ``ReLU(mean)``. Gradients are the analytic ``dT/dmean = Phi(z)``,
+    ``dT/dstd = phi(z)``, and differentiable again (exact second derivatives).
     Raises :class:`MomentInputError` for NaN, negative or infinite ``std``, or shapes
     that do not broadcast.
     """
@@ -196,7 +211,10 @@ def relu_covariance(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     :func:`momentkit.special.bivariate_normal_cdf` (absolute error < 1e-15), so they
     are exact to about ``1e-15 * s_i s_j``; diagonal entries are the variances of
     :func:`relu_moments`. A variable with zero variance is constant and has zero
-    covariance with everything. ``rho = +-1`` is legal. Evaluated in float64.
+    covariance with everything. ``rho = +-1`` is legal. Evaluated in float64, returned
+    in the inputs' promoted dtype. Second derivatives are exact, except at
+    ``rho = +-1`` with ``mean_i / s_i = rho mean_j / s_j``, where none exists and a
+    second backward pass raises ``RuntimeError``.
     """
     mean, cov = _check_cov(mean, cov, "relu_covariance")
     mu = mean.double()
@@ -224,7 +242,10 @@ def relu_covariance_zero_mean(cov: torch.Tensor) -> torch.Tensor:
 
     Exact only for zero means; :func:`relu_covariance` handles any mean (for means
     (-2, -2), unit variances and rho = 0.8 the true value is about 0.0029 where this
-    formula gives 0.254). ``cov``: ``(..., n, n)``; returns the same shape.
+    formula gives 0.254). ``cov``: ``(..., n, n)``; returns the same shape and dtype.
+    Second derivatives are exact for ``|rho| < 1``; at ``rho = +-1`` between two
+    variables the second derivative ``1/sqrt(1 - rho^2)`` is unbounded, and a second
+    backward pass that needs it raises ``RuntimeError``.
     """
     _, cov = _check_cov(None, cov, "relu_covariance_zero_mean")
     c = cov.to(_compute_dtype(cov.dtype))

@@ -1,7 +1,19 @@
 """Standard normal functions and the bivariate normal cdf, on tensors.
 
 Every function takes and returns tensors of any floating dtype and device;
-constants take the dtype and device of the input.
+constants take the dtype and device of the input. bfloat16 and float16 inputs are
+computed in float32 (the bivariate cdf in float64) and the results and gradients
+returned in the input's dtype.
+
+Derivatives of every order are the analytic ones: the univariate functions are
+compositions of torch primitives (``erfc``, ``log_ndtr``, ``erfcx``, ``exp``) that
+autograd differentiates any number of times; the bivariate cdf's backward pass is the
+closed form :func:`bivariate_normal_cdf_partials`, itself differentiable, so Hessians
+and gradient penalties are exact (``gradgradcheck`` in the tests). Where none exists, at
+the kink ``rho = +-1``, ``h = rho k``, a second derivative raises ``RuntimeError``.
+
+Branch points (module constants, bracketed one ulp either side in the tests):
+:data:`BVN_HIGH_CORRELATION`, :data:`BVN_HK_CUTOFF`; quadrature size :data:`GL_POINTS`.
 
 * ``normal_pdf(x)  = exp(-x**2 / 2) / sqrt(2 pi)``
 * ``normal_cdf(x)  = Phi(x) = erfc(-x / sqrt 2) / 2`` (relative accuracy in both tails,
@@ -145,7 +157,8 @@ def bivariate_normal_cdf_partials(
     ``phi2(h, k; rho)`` (``r = sqrt(1 - rho^2)``).
 
     At ``rho = +-1`` the first two are their limits (``Phi`` of a step in
-    ``k - rho h``) and the rho-derivative, a point mass there, is reported as 0. Built
+    ``k - rho h``) and the rho-derivative is its limit 0 (a point mass where
+    ``h = rho k``, reported as 0 in first derivatives). Built
     from differentiable operations whose untaken branches stay finite, so it can itself
     be differentiated (the ReLU covariance does).
     """
@@ -220,7 +233,9 @@ def bivariate_normal_cdf(
 
     Broadcasts its arguments. ``rho`` must lie in [-1, 1]; ``rho = +-1`` gives the
     exact degenerate limits ``Phi(min(h, k))`` and ``max(0, Phi(h) - Phi(-k))``.
-    Lower-precision inputs are evaluated in float64 and rounded back.
+    Lower-precision inputs (float32, bfloat16, float16) are evaluated in float64 and
+    rounded back. First and second derivatives are exact (module docstring); a second
+    derivative at ``rho = +-1``, ``h = rho k`` (a kink) raises ``RuntimeError``.
     Raises :class:`MomentInputError` for NaN or ``|rho| > 1``.
     """
     h, k, rho = torch.broadcast_tensors(*map(torch.as_tensor, (h, k, rho)))
