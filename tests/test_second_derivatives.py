@@ -221,3 +221,19 @@ def test_second_derivatives_never_nan(mu, s, dtype):
     second = torch.autograd.grad(sum(grads), (m_t, s_t, v_t))
     for t in (*grads, *second):
         assert torch.isfinite(t).all()
+
+
+def test_covariance_second_derivatives_finite_with_a_constant_variable():
+    # A zero-variance variable is constant: its row and column are 0 at every order.
+    mean = torch.tensor([0.5, -0.2, 1.0], dtype=F64, requires_grad=True)
+    cov = torch.tensor([[1.0, 0.3, 0.0], [0.3, 2.0, 0.0], [0.0, 0.0, 0.0]], dtype=F64,
+                       requires_grad=True)
+    for fn in (lambda m, c: relu_covariance(m, c), lambda m, c: relu_covariance_zero_mean(c)):
+        g = torch.autograd.grad(fn(mean, cov).sum(), (mean, cov), create_graph=True,
+                                allow_unused=True)
+        g = [t for t in g if t is not None]
+        second = torch.autograd.grad(sum(t.sum() for t in g), (mean, cov), allow_unused=True)
+        for t in second:
+            if t is not None:
+                assert torch.isfinite(t).all()
+                assert t[..., 2].abs().sum() == 0
