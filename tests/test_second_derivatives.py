@@ -30,7 +30,7 @@ from momentkit.special import (
     normal_pdf,
 )
 from tests.mp_reference import mp
-from tests.test_relu import _cov_inputs
+from tests.test_relu import _cov_inputs, sym_cov_fn, sym_zero_fn
 
 F64 = torch.float64
 
@@ -97,15 +97,9 @@ def test_gradgradcheck_bivariate_cdf_each_side_of_the_switch():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gradgradcheck_covariances(seed):
     mean, cov = _cov_inputs(seed, n=3)
-
-    def cov_fn(m, c):
-        return relu_covariance(m, 0.5 * (c + c.T))
-
-    def zero_fn(c):
-        return relu_covariance_zero_mean(0.5 * (c + c.T))
-
-    assert torch.autograd.gradgradcheck(cov_fn, (mean.requires_grad_(), cov.requires_grad_()))
-    assert torch.autograd.gradgradcheck(zero_fn, (cov,))
+    assert torch.autograd.gradgradcheck(sym_cov_fn,
+                                        (mean.requires_grad_(), cov.requires_grad_()))
+    assert torch.autograd.gradgradcheck(sym_zero_fn, (cov,))
 
 
 @pytest.mark.parametrize("z", [-30.0, -5.0, -3.0, -1.0, 0.0, 2.0, 8.0])
