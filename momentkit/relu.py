@@ -34,6 +34,20 @@ number of the dtype (the contract tested is 1e-12 and 1e-5).
 ``s = 0`` (``var = 0``) is legal: the mean is exactly ``ReLU(mu)``, the variance exactly
 0, and the gradients are the limits ``dT/dmu = Phi(+-inf) in {0, 1}`` (``1/2`` at
 ``mu = 0``) and ``dT/ds = phi(z)``.
+
+Derivatives. Every function here has exact first and second derivatives (Hessians,
+gradient penalties; ``gradgradcheck`` in the tests): the backward passes are the
+analytic derivatives written with differentiable operations
+(``momentkit/_relu_kernels.py``, which also holds the branch points as named
+constants). At ``s = 0`` the second derivatives are their limits (0 for ``mu != 0``) and
+never NaN. The covariances' gradient at correlation ``+-1`` is the one-sided limit from
+inside (Price's theorem: ``d Cov / d cov_ij = P(X_i > 0, X_j > 0)``); a second
+derivative that does not exist there (unbounded) raises ``RuntimeError`` naming the
+function rather than returning a number.
+
+Precision. bfloat16 and float16 inputs are computed in float32 (float64 where the
+float32 contract needs it, as above) and results and gradients come back in the input's
+dtype.
 """
 
 from __future__ import annotations
@@ -42,225 +56,21 @@ import math
 
 import torch
 
+from momentkit._relu_kernels import (
+    ReluMean,
+    ReluMoments,
+    SafeSqrt,
+    ZeroMeanKernel,
+)
+from momentkit._relu_kernels import (
+    compute_dtype as _compute_dtype,
+)
 from momentkit._validate import check_covariance_matrix
 from momentkit.errors import MomentInputError
 from momentkit.special import (
     bivariate_normal_cdf,
     bivariate_normal_cdf_partials,
-    normal_cdf,
-    normal_pdf,
 )
-
-# Beyond |z| = 3 the tail (continued-fraction) formulas are used; at the switch the
-# central formulas cancel at most a factor 1/(1 - 3 R(3)) ~ 7 of their digits.
-_TAIL_SWITCH = 3.0
-# Terms of the Mills-ratio continued fraction. Its truncation error at t >= 3 with 60
-# terms is below 1e-17 (checked against mpmath in tests/test_relu.py).
-_CF_TERMS = 60
-# |z| is clamped here: phi(z) underflows to 0 in float64 long before, so the clamp
-# changes no value, but it keeps z * (tail quantity) away from inf * 0.
-_Z_CLAMP = 1e10
-_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _mills_tail(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ``t >= 3``: ``g = 1 - t R(t)`` and ``w = R(t) - t g(t)`` by continued fraction."""
-    e = torch.zeros_like(t)
-    for k in range(_CF_TERMS, 1, -1):
-        e = k / (t + e)
-    c = 1.0 / (t + e)
-    g = c / (t + c)
-    w = e / ((t + e) * (t + c))
-    return g, w
-
-
-def _standardize(mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``z = mu / s``, clamped; at ``s = 0`` the limit ``sign(mu) * inf`` (0 at mu = 0)."""
-    positive = s > 0
-    z = mu / torch.where(positive, s, torch.ones_like(s))
-    z_limit = torch.sign(mu) * _Z_CLAMP
-    return torch.where(positive, z.clamp(-_Z_CLAMP, _Z_CLAMP), z_limit)
-
-
-def _lower_tail(mu: torch.Tensor, s: torch.Tensor, with_var: bool):
-    """Mean (and variance) for ``z = mu/s < -3``, in float64 and in log space.
-
-    ``T = s phi(t) g(t)`` and ``Var = s^2 phi(t) [w(t) - phi(t) g(t)^2]`` with
-    ``t = -z``; ``phi(t)`` is subnormal beyond ``t ~ 37.5`` while the products can still
-    be normal numbers, so they are formed as ``exp(log s - t^2/2 - log sqrt(2 pi) + ...)``.
-    """
-    t = -_standardize(mu, s)
-    g, w = _mills_tail(t)
-    log_p = -0.5 * t * t - _LOG_SQRT_2PI
-    log_s = torch.log(s)
-    mean = torch.exp(log_s + log_p + torch.log(g))
-    if not with_var:
-        return mean, None
-    bracket = w - torch.exp(log_p) * g * g
-    var = torch.exp(2.0 * log_s + log_p + torch.log(bracket.clamp_min(torch.finfo(t.dtype).tiny)))
-    return mean, var
-
-
-def _std64(s: torch.Tensor, var: torch.Tensor | None, mask: torch.Tensor | None = None):
-    """``s`` in float64; from ``var`` when given, so that the float32 rounding of
-    ``sqrt(var)`` (amplified ``z^2``-fold in the tails) never enters."""
-    if var is None:
-        return (s if mask is None else s[mask]).double()
-    return torch.sqrt((var if mask is None else var[mask]).double())
-
-
-def _central_mean(
-    mu: torch.Tensor, s: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``mu Phi(z) + s phi(z)`` in ``mu``'s dtype, with ``Phi(z)``, ``exp(-z^2/2)`` (the
-    derivatives, up to the constant ``1/sqrt(2 pi)``) and ``z``; about ten passes."""
-    if bool((s > 0).all()):
-        w = mu * (-1.0 / (math.sqrt(2.0) * s))  # w = -z / sqrt 2
-    else:
-        w = _standardize(mu, s).mul_(-1.0 / math.sqrt(2.0))
-    z = w * -math.sqrt(2.0)
-    cdf = torch.special.erfc(w).mul_(0.5)
-    gauss = w.square_().neg_().exp_()  # exp(-z^2 / 2); w is overwritten
-    out = torch.mul(cdf, mu).addcmul_(s * (1.0 / math.sqrt(2.0 * math.pi)), gauss)
-    return out, cdf, gauss, z
-
-
-def _exact_mean64(mu: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``T(mu, s)`` in float64 for the entries given: direct for ``z >= -3``, the
-    continued-fraction tail below."""
-    mu, s = mu.double(), s.double()
-    z = _standardize(mu, s)
-    out = mu * normal_cdf(z) + s * normal_pdf(z)
-    tail = z < -_TAIL_SWITCH
-    if bool(tail.any()):
-        out[tail] = _lower_tail(mu[tail], s[tail], with_var=False)[0]
-    return out
-
-
-def _mean_forward(
-    mu: torch.Tensor, s: torch.Tensor, var: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``T(mu, s)``, ``Phi(z)`` and ``exp(-z^2/2)``, all in ``mu``'s dtype.
-
-    ``s`` (and ``var``) broadcast against ``mu`` without being expanded (in training
-    the variance is one image broadcast over the batch). The direct formula
-    ``mu Phi(z) + s phi(z)`` runs in ``mu``'s dtype (the hot path). It cancels for
-    negative ``z``, by a factor ``|z| Phi(z) / h(z)`` (5.4 at ``z = -2``, 11 at -3), on
-    top of the rounding of ``z = mu / s`` itself, amplified ``z^2``-fold. So the entries
-    with ``z < -2`` (below float64) or ``z < -3`` (float64) are recomputed in float64 with
-    the standard deviation taken from ``var`` when given, the tail ``z < -3`` by the
-    continued fraction: measured relative error 9.5e-7 in float32, 3e-13 in float64.
-    """
-    out, cdf, gauss, z = _central_mean(mu, s)
-    float64 = mu.dtype == torch.float64
-    redo = z < (-_TAIL_SWITCH if float64 else -2.0)
-    if bool(redo.any()):
-        mu_r = mu.expand_as(z)[redo]
-        s_r = _std64(s.expand_as(z), None if var is None else var.expand_as(z), redo)
-        if float64:
-            out[redo] = _lower_tail(mu_r, s_r, with_var=False)[0]
-        else:
-            out[redo] = _exact_mean64(mu_r, s_r).to(out.dtype)
-    return out, cdf, gauss
-
-
-def _moments64(
-    mu: torch.Tensor, s: torch.Tensor, var: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance of ReLU(N(mu, s^2)), everything in float64."""
-    mu, s = mu.double(), _std64(s, var)
-    z = _standardize(mu, s)
-    cdf, pdf = normal_cdf(z), normal_pdf(z)
-    h = z * cdf + pdf
-    mean = mu * cdf + s * pdf
-    var_scaled = cdf - h * (h - z)
-    upper = z > _TAIL_SWITCH
-    if bool(upper.any()):
-        # v = Phi(z) - h(z) h(-z) with h(-z) from the continued fraction, h(z) = z + h(-z).
-        zu = z[upper]
-        g, _ = _mills_tail(zu)
-        h_small = normal_pdf(zu) * g
-        mean[upper] = mu[upper] + s[upper] * h_small
-        var_scaled[upper] = cdf[upper] - (zu + h_small) * h_small
-    var = (s * s) * var_scaled.clamp_min(0.0)
-    lower = z < -_TAIL_SWITCH
-    if bool(lower.any()):
-        mean[lower], var[lower] = _lower_tail(mu[lower], s[lower], with_var=True)
-    return mean, var
-
-
-class _ReluMean(torch.autograd.Function):
-    """``T(mu, s)`` with the analytic derivatives ``Phi(z)`` and ``phi(z)``, which the
-    forward pass computes anyway and keeps (two tensors of ``mu``'s size and dtype), so
-    that the backward pass is two products."""
-
-    @staticmethod
-    def forward(ctx, mu, s, var=None):
-        out, cdf, gauss = _mean_forward(mu, s, var)
-        ctx.save_for_backward(cdf, gauss)
-        ctx.shapes = (mu.shape, s.shape)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        cdf, gauss = ctx.saved_tensors
-        mu_shape, s_shape = ctx.shapes
-        g_mu = g_s = None
-        if ctx.needs_input_grad[0]:
-            g_mu = (grad * cdf).sum_to_size(mu_shape)
-        if ctx.needs_input_grad[1]:  # phi(z) = exp(-z^2/2) / sqrt(2 pi), scaled after the sum
-            g_s = (grad * gauss).sum_to_size(s_shape) * (1.0 / math.sqrt(2.0 * math.pi))
-        return g_mu, g_s, None
-
-
-class _ReluMoments(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mu, s, var_in=None):
-        mean, var = _moments64(mu, s, var_in)
-        ctx.save_for_backward(mu, s, mean)
-        return mean.to(mu.dtype), var.to(mu.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean, grad_var):
-        mu, s, mean = ctx.saved_tensors
-        z = _standardize(mu.double(), s.double())
-        cdf, pdf = normal_cdf(z), normal_pdf(z)
-        s64 = s.double()
-        # dVar/dmu = 2 T Phi(-z); dVar/ds = 2 s Phi(z) - 2 T phi(z)  (Stein's lemma).
-        d_var_mu = 2.0 * mean * normal_cdf(-z)
-        d_var_s = 2.0 * s64 * cdf - 2.0 * mean * pdf
-        g_mu = grad_mean.double() * cdf + grad_var.double() * d_var_mu
-        g_s = grad_mean.double() * pdf + grad_var.double() * d_var_s
-        return g_mu.to(mu.dtype), g_s.to(s.dtype), None
-
-
-class _SafeSqrt(torch.autograd.Function):
-    """``sqrt(v)`` whose derivative at ``v = 0`` is taken as 0 instead of ``+inf``.
-
-    Through ``T`` the derivative ``dT/dvar = phi(z) / (2 s)`` tends to 0 as ``s -> 0``
-    for every ``mu != 0``; at ``mu = 0`` it is unbounded, and 0 is reported there so
-    that no infinity ever reaches an optimizer.
-    """
-
-    @staticmethod
-    def forward(ctx, v):
-        out = torch.sqrt(v)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (out,) = ctx.saved_tensors
-        positive = out > 0
-        safe = torch.where(positive, out, torch.ones_like(out))
-        return torch.where(positive, grad / (2.0 * safe), torch.zeros_like(grad))
 
 
 def _as_float_tensor(x, name: str, fn: str, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,14 +113,15 @@ def _check_pair(mean, spread, mean_name: str, spread_name: str, fn: str, expand:
 def relu_mean_std(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``E[ReLU(X)]`` for ``X ~ N(mean, std^2)``, elementwise (Eq. 1: ``T(mu, s)``).
 
-    Broadcasts ``mean`` and ``std``; returns their broadcast shape in the promoted
-    dtype (float32 at least). ``std = 0`` gives exactly ``ReLU(mean)``. Gradients are
-    the analytic ``dT/dmean = Phi(z)``, ``dT/dstd = phi(z)``.
+    Broadcasts ``mean`` and ``std``; returns their broadcast shape in their promoted
+    dtype (half precision is computed in float32). ``std = 0`` gives exactly
+    ``ReLU(mean)``. Gradients are the analytic ``dT/dmean = Phi(z)``,
+    ``dT/dstd = phi(z)``, and differentiable again (exact second derivatives).
     Raises :class:`MomentInputError` for NaN, negative or infinite ``std``, or shapes
     that do not broadcast.
     """
     mu, s = _check_pair(mean, std, "mean", "std", "relu_mean_std", expand=False)
-    return _ReluMean.apply(mu, s)
+    return ReluMean.apply(mu, s).to(_result_dtype(mean, std))
 
 
 def relu_mean(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -320,7 +131,7 @@ def relu_mean(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     0 (its limit for ``mean != 0``; at ``mean = 0`` it is unbounded and 0 is reported).
     """
     mu, v = _check_pair(mean, var, "mean", "var", "relu_mean", expand=False)
-    return _ReluMean.apply(mu, _SafeSqrt.apply(v), v.detach())
+    return ReluMean.apply(mu, SafeSqrt.apply(v), v.detach()).to(_result_dtype(mean, var))
 
 
 def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,7 +143,9 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
     """
     mu, v = _check_pair(mean, var, "mean", "var", "relu_moments")
     v = v.contiguous()
-    return _ReluMoments.apply(mu.contiguous(), _SafeSqrt.apply(v), v.detach())
+    out = ReluMoments.apply(mu.contiguous(), SafeSqrt.apply(v), v.detach())
+    dtype = _result_dtype(mean, var)
+    return out[0].to(dtype), out[1].to(dtype)
 
 
 def _check_cov(mean, cov, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,15 +169,37 @@ def _check_cov(mean, cov, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _std_and_corr(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Standard deviations, correlation matrix (clamped to [-1, 1]) and a mask of
-    pairs where both variables are non-degenerate."""
+    """Standard deviations, off-diagonal correlations (clamped to [-1, 1]; 0 on the
+    diagonal, whose entries the callers form from the variances, so that no derivative of
+    a function of rho at rho = 1, unbounded from the second order on, multiplies the
+    zero derivative of cov_ii / (s_i s_i) and makes a NaN) and a mask of pairs where both
+    variables are non-degenerate, and the diagonal mask."""
     diag = torch.diagonal(cov, dim1=-2, dim2=-1)
-    std = _SafeSqrt.apply(diag.contiguous())
+    std = SafeSqrt.apply(diag.contiguous())
     si, sj = std.unsqueeze(-1), std.unsqueeze(-2)
+    eye = torch.eye(cov.shape[-1], dtype=torch.bool, device=cov.device)
     both = (si > 0) & (sj > 0)
-    denom = torch.where(both, si * sj, torch.ones_like(si * sj))
-    rho = torch.where(both, cov / denom, torch.zeros_like(cov)).clamp(-1.0, 1.0)
-    return std, rho, both
+    off = both & ~eye
+    denom = torch.where(off, si * sj, torch.ones_like(si * sj))
+    rho = torch.where(off, cov / denom, torch.zeros_like(cov))
+    # Rounding can push |rho| a hair past 1: clamp the value but pass the gradient, so
+    # that at rho = +-1 it is the one-sided derivative from inside (Price's theorem:
+    # d Cov / d cov_ij = P(X_i > 0, X_j > 0)), where torch's clamp would report 0.
+    rho = rho + (rho.clamp(-1.0, 1.0) - rho).detach()
+    return std, rho, both, eye
+
+
+def _result_dtype(*args) -> torch.dtype:
+    """The dtype results are returned in: the promoted dtype of the arguments as the
+    checks read them (a non-tensor takes the dtype of the tensor before it, or the
+    default), so half inputs get half results although the work is done in float32."""
+    dtype = None
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            dtype = a.dtype if dtype is None else torch.promote_types(dtype, a.dtype)
+        elif dtype is None:
+            dtype = torch.get_default_dtype()
+    return dtype
 
 
 def relu_covariance(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -376,14 +211,16 @@ def relu_covariance(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     :func:`momentkit.special.bivariate_normal_cdf` (absolute error < 1e-15), so they
     are exact to about ``1e-15 * s_i s_j``; diagonal entries are the variances of
     :func:`relu_moments`. A variable with zero variance is constant and has zero
-    covariance with everything. ``rho = +-1`` is legal. Evaluated in float64.
+    covariance with everything. ``rho = +-1`` is legal. Evaluated in float64, returned
+    in the inputs' promoted dtype. Second derivatives are exact, except at
+    ``rho = +-1`` with ``mean_i / s_i = rho mean_j / s_j``, where none exists and a
+    second backward pass raises ``RuntimeError``.
     """
     mean, cov = _check_cov(mean, cov, "relu_covariance")
-    dtype = _compute_dtype(torch.promote_types(mean.dtype, cov.dtype))
     mu = mean.double()
     c = cov.double()
-    std, rho, both = _std_and_corr(c)
-    m_mean, var = _ReluMoments.apply(mu.contiguous(), std.expand_as(mu).contiguous())
+    std, rho, both, eye = _std_and_corr(c)
+    m_mean, var = ReluMoments.apply(mu.contiguous(), std.expand_as(mu).contiguous())
     safe_std = torch.where(std > 0, std, torch.ones_like(std))
     z = torch.where(std > 0, mu / safe_std, torch.zeros_like(mu))
     a, b = z.unsqueeze(-1), z.unsqueeze(-2)
@@ -395,25 +232,8 @@ def relu_covariance(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     si, sj = std.unsqueeze(-1), std.unsqueeze(-2)
     out = si * sj * cross - m_mean.unsqueeze(-1) * m_mean.unsqueeze(-2)
     out = torch.where(both, out, torch.zeros_like(out))
-    eye = torch.eye(out.shape[-1], dtype=torch.bool, device=out.device)
     out = torch.where(eye, torch.diag_embed(var), out)
-    return out.to(dtype)
-
-
-class _ZeroMeanKernel(torch.autograd.Function):
-    """``f(rho) = rho acos(-rho) + sqrt(1 - rho^2) - 1`` with ``f'(rho) = acos(-rho)``:
-    the derivative is finite at ``rho = +-1`` although each term's is not."""
-
-    @staticmethod
-    def forward(ctx, rho):
-        ctx.save_for_backward(rho)
-        return rho * torch.acos(-rho) + torch.sqrt(((1.0 - rho) * (1.0 + rho)).clamp_min(0)) - 1.0
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (rho,) = ctx.saved_tensors
-        return grad * torch.acos(-rho)
+    return out.to(torch.promote_types(mean.dtype, cov.dtype))
 
 
 def relu_covariance_zero_mean(cov: torch.Tensor) -> torch.Tensor:
@@ -422,11 +242,16 @@ def relu_covariance_zero_mean(cov: torch.Tensor) -> torch.Tensor:
 
     Exact only for zero means; :func:`relu_covariance` handles any mean (for means
     (-2, -2), unit variances and rho = 0.8 the true value is about 0.0029 where this
-    formula gives 0.254). ``cov``: ``(..., n, n)``; returns the same shape.
+    formula gives 0.254). ``cov``: ``(..., n, n)``; returns the same shape and dtype.
+    Second derivatives are exact for ``|rho| < 1``; at ``rho = +-1`` between two
+    variables the second derivative ``1/sqrt(1 - rho^2)`` is unbounded, and a second
+    backward pass that needs it raises ``RuntimeError``.
     """
     _, cov = _check_cov(None, cov, "relu_covariance_zero_mean")
-    dtype = _compute_dtype(cov.dtype)
-    c = cov.to(dtype)
-    std, rho, both = _std_and_corr(c)
-    out = std.unsqueeze(-1) * std.unsqueeze(-2) / (2.0 * math.pi) * _ZeroMeanKernel.apply(rho)
-    return torch.where(both, out, torch.zeros_like(out))
+    c = cov.to(_compute_dtype(cov.dtype))
+    std, rho, both, eye = _std_and_corr(c)
+    out = std.unsqueeze(-1) * std.unsqueeze(-2) / (2.0 * math.pi) * ZeroMeanKernel.apply(rho)
+    out = torch.where(both, out, torch.zeros_like(out))
+    # The diagonal is the variance s^2 (1/2 - 1/(2 pi)), the kernel's value at rho = 1.
+    var = torch.diagonal(c, dim1=-2, dim2=-1) * ((math.pi - 1.0) / (2.0 * math.pi))
+    return torch.where(eye, torch.diag_embed(var), out).to(cov.dtype)

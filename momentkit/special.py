@@ -1,7 +1,19 @@
 """Standard normal functions and the bivariate normal cdf, on tensors.
 
 Every function takes and returns tensors of any floating dtype and device;
-constants take the dtype and device of the input.
+constants take the dtype and device of the input. bfloat16 and float16 inputs are
+computed in float32 (the bivariate cdf in float64) and the results and gradients
+returned in the input's dtype.
+
+Derivatives of every order are the analytic ones: the univariate functions are
+compositions of torch primitives (``erfc``, ``log_ndtr``, ``erfcx``, ``exp``) that
+autograd differentiates any number of times; the bivariate cdf's backward pass is the
+closed form :func:`bivariate_normal_cdf_partials`, itself differentiable, so Hessians
+and gradient penalties are exact (``gradgradcheck`` in the tests). Where none exists, at
+the kink ``rho = +-1``, ``h = rho k``, a second derivative raises ``RuntimeError``.
+
+Branch points (module constants, bracketed one ulp either side in the tests):
+:data:`BVN_HIGH_CORRELATION`, :data:`BVN_HK_CUTOFF`; quadrature size :data:`GL_POINTS`.
 
 * ``normal_pdf(x)  = exp(-x**2 / 2) / sqrt(2 pi)``
 * ``normal_cdf(x)  = Phi(x) = erfc(-x / sqrt 2) / 2`` (relative accuracy in both tails,
@@ -26,33 +38,57 @@ _SQRT2 = math.sqrt(2.0)
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 _SQRT_PI_OVER_2 = math.sqrt(math.pi / 2.0)
 
-# 20-point Gauss-Legendre rule on [-1, 1]; Genz (2004) shows it reaches double
-# precision for every correlation once |rho| >= 0.925 switches to the
-# high-correlation form below.
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(20)
-# |rho| below this: integrate in asin(rho); above: Drezner-Wesolowsky's
-# transformation, which stays accurate as rho -> +-1 (Genz 2004, Section 2.1).
-_BVN_HIGH_CORRELATION = 0.925
+GL_POINTS = 20
+"""Gauss-Legendre points of both bivariate-cdf quadratures. Genz (2004) uses 6 points for
+``|rho| < 0.3``, 12 for ``|rho| < 0.75`` and 20 above; 20 everywhere costs a little more
+at low correlation and removes two branch switches (each region is still tested against
+mpmath on its own)."""
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(GL_POINTS)
+
+BVN_HIGH_CORRELATION = 0.925
+"""``|rho|`` below this: Gauss-Legendre in ``theta`` over ``[0, asin(rho)]`` (Sheppard's
+formula); from it on: Drezner and Wesolowsky's transformation to ``rho = +-1`` plus a
+correction integral, which stays accurate as ``rho -> +-1`` where the first integrand
+(``1 / (1 - sin^2 theta)``) turns singular. 0.925 is Genz's (2004) switch, where both
+forms reach double precision with 20 points."""
+
+BVN_HK_CUTOFF = -160.0
+"""High-correlation branch: the term ``exp(-hk/2) Phi(-b/a) ...`` is dropped where
+``hk <= -160`` (``hk`` after flipping ``k`` for ``rho < 0``). There ``exp(-hk/2)`` would
+overflow towards ``exp(80)``, while ``Phi(-|h - k|/a)`` with ``|h - k| >= 2 sqrt(-hk)``
+has already underflowed to 0 (``|h - k| / a >= 25 / sqrt(1 - 0.925^2) > 38.5``), so the
+product is exactly 0 in float64 either side of the cutoff."""
+
+
+def _upcast(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """``x`` in float32 at least (half precision is computed in float32, since its
+    ``exp`` and ``erfc`` would lose the relative accuracy in the tails), and the dtype
+    to return."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)), x.dtype
 
 
 def normal_pdf(x: torch.Tensor) -> torch.Tensor:
     """Standard normal density ``phi(x)``."""
-    return torch.exp(-0.5 * x * x) / _SQRT_2PI
+    x, dtype = _upcast(x)
+    return (torch.exp(-0.5 * x * x) / _SQRT_2PI).to(dtype)
 
 
 def normal_cdf(x: torch.Tensor) -> torch.Tensor:
     """Standard normal cdf ``Phi(x)``, relatively accurate in the lower tail."""
-    return 0.5 * torch.special.erfc(-x / _SQRT2)
+    x, dtype = _upcast(x)
+    return (0.5 * torch.special.erfc(-x / _SQRT2)).to(dtype)
 
 
 def log_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     """``log Phi(x)``, finite down to very negative ``x``."""
-    return torch.special.log_ndtr(x)
+    x, dtype = _upcast(x)
+    return torch.special.log_ndtr(x).to(dtype)
 
 
 def mills_ratio(x: torch.Tensor) -> torch.Tensor:
     """Mills ratio ``(1 - Phi(x)) / phi(x)``, computed through ``erfcx``."""
-    return _SQRT_PI_OVER_2 * torch.special.erfcx(x / _SQRT2)
+    x, dtype = _upcast(x)
+    return (_SQRT_PI_OVER_2 * torch.special.erfcx(x / _SQRT2)).to(dtype)
 
 
 def _gl(ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +101,7 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     """``P(X > h, Y > k)`` for correlation ``r`` in [-1, 1] (Genz's BVNU), no autograd."""
     nodes, weights = _gl(h)
     two_pi = 2.0 * math.pi
-    low = r.abs() < _BVN_HIGH_CORRELATION
+    low = r.abs() < BVN_HIGH_CORRELATION
 
     # Moderate correlation: Phi(-h) Phi(-k) + 1/(2 pi) int_0^asin(r) exp(...) dtheta.
     r_low = torch.where(low, r, torch.zeros_like(r))
@@ -94,10 +130,9 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     )
     b = torch.sqrt(bs)
     # exp(-hk/2) overflows for hk << 0, where Phi(-b/a) has underflowed already.
-    tail = torch.exp(-torch.clamp(hk2, min=-160.0) / 2.0) * _SQRT_2PI * normal_cdf(-b / a) * b * (
-        1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0
-    )
-    part = part - torch.where(hk2 > -160.0, tail, torch.zeros_like(tail))
+    tail = torch.exp(-torch.clamp(hk2, min=BVN_HK_CUTOFF) / 2.0) * _SQRT_2PI
+    tail = tail * normal_cdf(-b / a) * b * (1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0)
+    part = part - torch.where(hk2 > BVN_HK_CUTOFF, tail, torch.zeros_like(tail))
     half = a / 2.0
     xs = (half.unsqueeze(-1) * (nodes + 1.0)) ** 2
     rs = torch.sqrt(1.0 - xs)
@@ -122,7 +157,8 @@ def bivariate_normal_cdf_partials(
     ``phi2(h, k; rho)`` (``r = sqrt(1 - rho^2)``).
 
     At ``rho = +-1`` the first two are their limits (``Phi`` of a step in
-    ``k - rho h``) and the rho-derivative, a point mass there, is reported as 0. Built
+    ``k - rho h``) and the rho-derivative is its limit 0 (a point mass where
+    ``h = rho k``, reported as 0 in first derivatives). Built
     from differentiable operations whose untaken branches stay finite, so it can itself
     be differentiated (the ReLU covariance does).
     """
@@ -142,8 +178,37 @@ def bivariate_normal_cdf_partials(
     return d_h, d_k, d_rho
 
 
+class _PointMassGuard(torch.autograd.Function):
+    """Identity on the partial derivatives of ``Phi2``, whose own backward pass (a third
+    order for ``Phi2``) refuses the points ``rho = +-1``, ``h = rho k``, where
+    ``Phi2(h, k; +-1)`` has a kink and its second derivatives are unbounded (Dirac
+    masses), rather than report 0 there. Elsewhere at ``rho = +-1`` they are the
+    (exponentially small, in rho) limits, which the closed forms give exactly."""
+
+    @staticmethod
+    def forward(ctx, h, k, rho, d_h, d_k, d_rho):
+        ctx.save_for_backward(h, k, rho)
+        return d_h.view_as(d_h), d_k.view_as(d_k), d_rho.view_as(d_rho)
+
+    @staticmethod
+    def backward(ctx, g_h, g_k, g_rho):
+        h, k, rho = ctx.saved_tensors
+        kink = ((1.0 - rho) * (1.0 + rho) <= 0) & (h == rho * k)
+        if bool(kink.any()):
+            used = sum((g != 0) for g in (g_h, g_k, g_rho) if g is not None)
+            if bool((kink & (used != 0)).any()):
+                raise RuntimeError(
+                    "bivariate_normal_cdf: second derivatives are unbounded at rho = +-1 "
+                    "with h = rho * k (also inside relu_covariance: two perfectly "
+                    "correlated variables with equal mean / std, or opposite for rho = -1)"
+                )
+        return None, None, None, g_h, g_k, g_rho
+
+
 class _BivariateNormalCdf(torch.autograd.Function):
-    """Forward by Genz's algorithm, backward by :func:`bivariate_normal_cdf_partials`."""
+    """Forward by Genz's algorithm, backward by :func:`bivariate_normal_cdf_partials`
+    of the saved inputs: differentiable operations, so second derivatives (Hessians) are
+    the exact derivatives of the closed-form partials."""
 
     @staticmethod
     def forward(ctx, h, k, rho):  # noqa: D401
@@ -151,9 +216,13 @@ class _BivariateNormalCdf(torch.autograd.Function):
         return _bvn_upper(-h, -k, rho)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        d_h, d_k, d_rho = bivariate_normal_cdf_partials(*ctx.saved_tensors)
+        h, k, rho = ctx.saved_tensors
+        d_h, d_k, d_rho = bivariate_normal_cdf_partials(h, k, rho)
+        if torch.is_grad_enabled():  # a graph is being built: guard the kink at rho = +-1
+            d_h, d_k, d_rho = _PointMassGuard.apply(
+                h.detach(), k.detach(), rho.detach(), d_h, d_k, d_rho
+            )
         return grad * d_h, grad * d_k, grad * d_rho
 
 
@@ -164,7 +233,9 @@ def bivariate_normal_cdf(
 
     Broadcasts its arguments. ``rho`` must lie in [-1, 1]; ``rho = +-1`` gives the
     exact degenerate limits ``Phi(min(h, k))`` and ``max(0, Phi(h) - Phi(-k))``.
-    Lower-precision inputs are evaluated in float64 and rounded back.
+    Lower-precision inputs (float32, bfloat16, float16) are evaluated in float64 and
+    rounded back. First and second derivatives are exact (module docstring); a second
+    derivative at ``rho = +-1``, ``h = rho k`` (a kink) raises ``RuntimeError``.
     Raises :class:`MomentInputError` for NaN or ``|rho| > 1``.
     """
     h, k, rho = torch.broadcast_tensors(*map(torch.as_tensor, (h, k, rho)))
