@@ -9,7 +9,9 @@ that split for
   containers are flattened, modules are shared, not copied), and
 * ordinary ``nn.Module`` networks, through ``torch.fx`` symbolic tracing. A ReLU is an
   ``nn.ReLU`` module, a ``torch.nn.functional.relu`` / ``torch.relu`` call (in-place
-  forms included) or a ``tensor.relu()`` method call.
+  forms included) or a ``tensor.relu()`` method call. After an in-place ReLU
+  (``h.relu_()``, ``F.relu(h, inplace=True)``, ``nn.ReLU(inplace=True)``) a later use
+  of ``h`` is a use of the ReLU's output, not a skip connection.
 
 The stem must be: an optional elementwise input normalization
 (:class:`momentkit.affine.Normalize`), an optional ``nn.Flatten`` (``torch.flatten``
@@ -212,6 +214,18 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the ReLU ``node`` rectifies its argument in place."""
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_method":
+        return node.target == "relu_"
+    if node.target in (F.relu_, torch.relu_):
+        return True
+    inplace = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
+    return inplace is True
+
+
 def _only_input(node: fx.Node) -> fx.Node | None:
     """The single tensor argument of ``node`` when it has exactly one argument."""
     if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
@@ -276,6 +290,13 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
             f"model: the first ReLU {_describe(relu)} is applied to {found}, not directly to "
             f"an nn.Linear or nn.Conv2d; the layers before the first ReLU must be {_STEM_FORM}"
         )
+    if _is_inplace(relu, modules):
+        # After an in-place ReLU the pre-activation's tensor holds the ReLU's output:
+        # later uses of it are uses of the ReLU (``h.relu_(); return fc2(h)``).
+        order = {n: i for i, n in enumerate(nodes)}
+        for user in list(pre.users):
+            if user is not relu and order[user] > order[relu]:
+                user.replace_input_with(pre, relu)
     chain = [pre]
     affine = modules[pre.target]
     flatten = normalize = None
