@@ -112,6 +112,20 @@ def as_float_tensor(
     return x
 
 
+def as_float64_array(value: object, name: str, fn: str) -> np.ndarray:
+    """``value`` (a tensor, an array, numbers) as a finite float64 NumPy array."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu", torch.float64).numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise MomentInputError(f"{fn}: {name} cannot be converted to float64 ({exc})") from exc
+    if not np.all(np.isfinite(arr)):
+        what = "NaN" if np.any(np.isnan(arr)) else "inf"
+        raise MomentInputError(f"{fn}: {name} contains {what}")
+    return arr
+
+
 def check_finite(x: torch.Tensor, name: str, fn: str) -> None:
     """Refuse NaN and infinity in ``x``."""
     if x.numel() and not bool(torch.isfinite(x).all()):
