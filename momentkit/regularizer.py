@@ -205,7 +205,7 @@ def _expected_prediction(
     work = compute_dtype(x.dtype) if isinstance(x, torch.Tensor) else None
     var_in = _input_variance(sigma, x, fn, dtype=work)
     pre = upsilon(x)
-    pre_var = upsilon.variance(var_in)
+    pre_var = upsilon._variance(var_in)
     flags = torch.stack(
         [torch.isfinite(x).all(), torch.isfinite(pre).all(), torch.isfinite(pre_var).all()]
     ).tolist()

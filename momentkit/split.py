@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from momentkit.affine import Normalize, affine_moments
+from momentkit._validate import as_spread, check_result
+from momentkit.affine import Normalize, _affine_moments
 from momentkit.errors import MomentInputError
 
 __all__ = ["Upsilon", "split_at_first_relu"]
@@ -103,14 +104,24 @@ class Upsilon(nn.Module):
         ``nn.Linear`` the product with the squared weight matrix
         (:func:`momentkit.affine.affine_moments`). The result has the batch size of
         ``input_var`` and the shape of ``Upsilon``'s output otherwise; it is exact up
-        to rounding and differentiable with respect to the weights.
+        to rounding and differentiable with respect to the weights. Raises
+        :class:`MomentInputError` for NaN, infinite or negative ``input_var``, or a
+        result that overflows.
         """
+        fn = "Upsilon.variance"
+        as_spread(input_var, "input_var", fn)
+        return check_result(self._variance(input_var), "the variance", fn)
+
+    def _variance(self, input_var: torch.Tensor) -> torch.Tensor:
+        """:meth:`variance` without checks (for callers that check themselves)."""
         var = input_var
         if self.normalize is not None:
             var = self.normalize.scale_variance(var)
         if self.flatten is not None:
             var = self.flatten(var)
-        _, out_var = affine_moments(self.affine, torch.zeros_like(var), var)
+        _, out_var = _affine_moments(
+            self.affine, torch.zeros_like(var), var, None, True, "Upsilon.variance"
+        )
         return out_var
 
 
