@@ -182,6 +182,19 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return out
 
 
+def check_batch(x: torch.Tensor, fn: str) -> None:
+    """A batch ``(N, ...)``: a floating tensor with at least 2 dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise MomentInputError(f"{fn}: x must be a tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise MomentInputError(
+            f"{fn}: x must be a batch (N, ...) with at least 2 dimensions, got shape "
+            f"{tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise MomentInputError(f"{fn}: x must be a floating point tensor, got dtype {x.dtype}")
+
+
 def check_covariance_matrix(cov: torch.Tensor, fn: str, name: str = "cov") -> None:
     """Raise :class:`MomentInputError` unless ``cov`` is a covariance ``(..., n, n)``:
     finite, symmetric (to 64 eps of each matrix's largest entry, which leaves room for

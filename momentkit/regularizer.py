@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentkit._validate import check_scalar, check_sigma_tensor, compute_dtype
+from momentkit._validate import check_batch, check_scalar, check_sigma_tensor, compute_dtype
 from momentkit.errors import MomentInputError
 from momentkit.relu import relu_mean
-from momentkit.split import Upsilon, split_at_first_relu
+from momentkit.split import Upsilon, _split
 
 __all__ = [
     "ExpectedPrediction",
@@ -82,10 +82,7 @@ def _cached_split(model: nn.Module, fn: str) -> tuple[Upsilon, nn.Module]:
         )
         if same:
             return upsilon, omega
-    try:
-        upsilon, omega = split_at_first_relu(model)
-    except MomentInputError as exc:
-        raise MomentInputError(f"{fn}: {exc}") from exc
+    upsilon, omega = _split(model, fn)
     _SPLITS[model] = (fingerprint, upsilon, omega)
     return upsilon, omega
 
@@ -110,7 +107,7 @@ def _input_variance(
     sigma: SigmaLike, x: torch.Tensor, fn: str, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """:func:`input_variance` with errors naming ``fn``, in ``dtype`` (default x's)."""
-    _check_batch(x, fn)
+    check_batch(x, fn)
     sigma_t = check_sigma_tensor(sigma, fn).to(dtype=dtype or x.dtype, device=x.device)
     var = sigma_t * sigma_t
     one_image = (1, *x.shape[1:])
@@ -127,18 +124,6 @@ def _input_variance(
         f"channel), {tuple(x.shape[1:])} (per element) or {tuple(x.shape)} (per element "
         "of every image)"
     )
-
-
-def _check_batch(x: torch.Tensor, fn: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise MomentInputError(f"{fn}: x must be a tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise MomentInputError(
-            f"{fn}: x must be a batch (N, ...) with at least 2 dimensions, got shape "
-            f"{tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        raise MomentInputError(f"{fn}: x must be a floating point tensor, got dtype {x.dtype}")
 
 
 def expected_prediction(
@@ -244,7 +229,7 @@ def moment_regularized_loss(
     """
     fn = "moment_regularized_loss"
     alpha = check_scalar(alpha, "alpha", fn)
-    _check_batch(x, fn)
+    check_batch(x, fn)
     if x.shape[0] == 0:
         raise MomentInputError(f"{fn}: x is an empty batch; its mean loss is undefined")
     if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:

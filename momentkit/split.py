@@ -66,20 +66,20 @@ class Upsilon(nn.Module):
         super().__init__()
         if not isinstance(affine, _AFFINE_TYPES):
             raise MomentInputError(
-                f"affine: expected nn.Linear or nn.Conv2d, got {type(affine).__name__}"
+                f"Upsilon: affine: expected nn.Linear or nn.Conv2d, got {type(affine).__name__}"
             )
         if normalize is not None and not isinstance(normalize, Normalize):
             raise MomentInputError(
-                f"normalize: expected momentkit.affine.Normalize or None, "
+                f"Upsilon: normalize: expected momentkit.affine.Normalize or None, "
                 f"got {type(normalize).__name__}"
             )
         if flatten is not None and not isinstance(flatten, nn.Flatten):
             raise MomentInputError(
-                f"flatten: expected nn.Flatten or None, got {type(flatten).__name__}"
+                f"Upsilon: flatten: expected nn.Flatten or None, got {type(flatten).__name__}"
             )
         if flatten is not None and not _keeps_batch_dim(flatten.start_dim):
             raise MomentInputError(
-                f"flatten: start_dim={flatten.start_dim} may merge the batch dimension; "
+                f"Upsilon: flatten: start_dim={flatten.start_dim} may merge the batch dimension; "
                 "it must be at least 1"
             )
         self.normalize = normalize
@@ -146,8 +146,13 @@ def split_at_first_relu(model: nn.Module) -> tuple[Upsilon, nn.Module]:
             the network other than through the first ReLU; the network takes more than
             one input; or ``torch.fx`` cannot trace it.
     """
+    return _split(model, "split_at_first_relu")
+
+
+def _split(model: nn.Module, fn: str) -> tuple[Upsilon, nn.Module]:
+    """:func:`split_at_first_relu` with errors naming ``fn``, the function called."""
     if not isinstance(model, nn.Module):
-        raise MomentInputError(f"model: expected an nn.Module, got {type(model).__name__}")
+        raise MomentInputError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Sequential):
         modules = list(_flatten_sequential(model))
         relu_at = next((i for i, m in enumerate(modules) if isinstance(m, nn.ReLU)), None)
@@ -155,8 +160,8 @@ def split_at_first_relu(model: nn.Module) -> tuple[Upsilon, nn.Module]:
         # A custom module before the first nn.ReLU may hide the ReLU or the stem inside
         # its forward: let torch.fx look inside it.
         if not any(_is_custom(m) for m in before):
-            return _split_sequential(modules, relu_at)
-    return _split_traced(model)
+            return _split_sequential(modules, relu_at, fn)
+    return _split_traced(model, fn)
 
 
 def _flatten_sequential(seq: nn.Sequential) -> Iterator[nn.Module]:
@@ -179,17 +184,17 @@ def _keeps_batch_dim(start_dim: int) -> bool:
     return start_dim >= 1
 
 
-def _stem_error(found: str) -> MomentInputError:
+def _stem_error(found: str, fn: str) -> MomentInputError:
     return MomentInputError(
-        f"model: the layers before the first ReLU must be {_STEM_FORM}; found {found}"
+        f"{fn}: model: the layers before the first ReLU must be {_STEM_FORM}; found {found}"
     )
 
 
 def _split_sequential(
-    modules: list[nn.Module], relu_at: int | None
+    modules: list[nn.Module], relu_at: int | None, fn: str
 ) -> tuple[Upsilon, nn.Module]:
     if relu_at is None:
-        raise MomentInputError("model: no nn.ReLU found in the nn.Sequential network")
+        raise MomentInputError(f"{fn}: model: no nn.ReLU found in the nn.Sequential network")
     stem = modules[:relu_at]
     names = ", ".join(type(m).__name__ for m in stem) or "nothing"
     normalize = flatten = None
@@ -200,9 +205,9 @@ def _split_sequential(
         flatten = rest.pop(0)
         if not _keeps_batch_dim(flatten.start_dim):
             raise _stem_error(f"nn.Flatten(start_dim={flatten.start_dim}), which may merge "
-                              "the batch dimension")
+                              "the batch dimension", fn)
     if len(rest) != 1 or not isinstance(rest[0], _AFFINE_TYPES):
-        raise _stem_error(f"[{names}]")
+        raise _stem_error(f"[{names}]", fn)
     upsilon = Upsilon(rest[0], normalize=normalize, flatten=flatten)
     omega = nn.Sequential(*modules[relu_at + 1 :])
     return upsilon, omega
@@ -268,12 +273,12 @@ def _describe(node: fx.Node) -> str:
     return f"'{node.name}' ({node.op} {target})"
 
 
-def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
+def _split_traced(model: nn.Module, fn: str) -> tuple[Upsilon, nn.Module]:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # torch.fx raises many exception types while tracing
         raise MomentInputError(
-            f"model: not an nn.Sequential, and torch.fx cannot trace it to find the first "
+            f"{fn}: model: not an nn.Sequential, and torch.fx cannot trace it to find the first "
             f"ReLU ({type(exc).__name__}: {exc})"
         ) from exc
     modules = dict(model.named_modules())
@@ -281,12 +286,13 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise MomentInputError(
-            f"model: forward must take exactly one input tensor, it takes {len(placeholders)}"
+            f"{fn}: model: forward must take exactly one input tensor, it takes {len(placeholders)}"
         )
     relu = next((n for n in nodes if _is_relu(n, modules)), None)
     if relu is None:
         raise MomentInputError(
-            "model: no ReLU (nn.ReLU, F.relu, torch.relu or .relu()) found in the traced graph"
+            f"{fn}: model: no ReLU (nn.ReLU, F.relu, torch.relu or .relu()) found in the "
+            "traced graph"
         )
 
     # Walk the stem backwards from the ReLU: affine, then optional flatten and normalize.
@@ -298,7 +304,7 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
     ):
         found = _describe(pre) if isinstance(pre, fx.Node) else repr(pre)
         raise MomentInputError(
-            f"model: the first ReLU {_describe(relu)} is applied to {found}, not directly to "
+            f"{fn}: model: the first ReLU {_describe(relu)} is applied to {found}, not directly to "
             f"an nn.Linear or nn.Conv2d; the layers before the first ReLU must be {_STEM_FORM}"
         )
     if _is_inplace(relu, modules):
@@ -314,7 +320,7 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
     node = _only_input(pre)
     if node is not None and (flat := _flatten_call(node, modules)) is not None:
         if not _keeps_batch_dim(flat.start_dim):
-            raise _stem_error(f"{_describe(node)} with start_dim={flat.start_dim}")
+            raise _stem_error(f"{_describe(node)} with start_dim={flat.start_dim}", fn)
         flatten = flat
         chain.append(node)
         node = node.args[0]
@@ -328,7 +334,7 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
         node = _only_input(node)
     if node is not placeholders[0]:
         found = _describe(node) if node is not None else "a call with several arguments"
-        raise _stem_error(f"{found} between the input and {_describe(chain[-1])}")
+        raise _stem_error(f"{found} between the input and {_describe(chain[-1])}", fn)
     chain.append(node)
 
     # The input must reach Omega only through the ReLU: every stem node feeds only the
@@ -345,7 +351,7 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
                 what += f" {_describe(here)}"
             used = ", ".join(_describe(u) for u in others)
             raise MomentInputError(
-                f"model: {what} reaches the rest of the network other than through the "
+                f"{fn}: model: {what} reaches the rest of the network other than through the "
                 f"first ReLU: it is also used by {used} (a skip connection); the split "
                 "Phi(x) = Omega(ReLU(Upsilon(x))) does not exist"
             )
