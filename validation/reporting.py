@@ -9,7 +9,6 @@ the package version and the seed; read it with ``pandas.read_csv(path, comment="
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import platform
 import sys
 import time
@@ -21,15 +20,9 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
+from experiments.rundir import package_version
+
 T = TypeVar("T")
-
-
-def package_version() -> str:
-    """``momentkit.__version__``, or the installed distribution's version."""
-    import momentkit
-
-    version = getattr(momentkit, "__version__", None)
-    return str(version) if version else importlib.metadata.version("momentkit")
 
 
 @dataclass(frozen=True)
