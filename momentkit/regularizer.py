@@ -70,7 +70,9 @@ def _fingerprint(model: nn.Module) -> tuple:
     return submodules + tuple(model.parameters()) + tuple(model.buffers())
 
 
-def _cached_split(model: nn.Module, fn: str) -> tuple[Upsilon, nn.Module]:
+def _cached_split(
+    model: nn.Module, fn: str = "expected_prediction"
+) -> tuple[Upsilon, nn.Module]:
     if not isinstance(model, nn.Module):
         raise MomentInputError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
     fingerprint = _fingerprint(model)
