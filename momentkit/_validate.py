@@ -11,24 +11,29 @@ input to a network: ``N(inf, 1)`` is not a distribution, and the answers (``inf 
 in a covariance, the arg-max of an infinite logit) would be NaN or meaningless.
 
 Positive semi-definiteness (:func:`check_covariance_matrix`). A covariance ``C`` of
-size ``n`` is accepted when its smallest eigenvalue is at least
+size ``n`` and dtype ``t`` is accepted when its smallest eigenvalue is at least
 
-    -tol,  tol = PSD_ULPS * n * eps(dtype) * max_i |C_ii|
+    -tol,  tol = n * max_i |C_ii| * (PSD_ULPS * eps(w) + eps(t)),
 
-(``eps`` of the caller's dtype, :data:`PSD_ULPS` = 64). Derivation: a covariance that
-is computed, e.g. the Gram matrix ``fl(A A^T)`` of a ``(n, m)`` matrix, has an error
+``w`` the working dtype (``t`` promoted to at least float32: half precision is
+computed in float32) and :data:`PSD_ULPS` = 64. Derivation: a covariance that is
+computed, e.g. the Gram matrix ``fl(A A^T)`` of a ``(n, m)`` matrix, has an error
 ``E`` with ``|E_ij| <= gamma_m (|A| |A|^T)_ij <= m eps sqrt(C_ii C_jj)`` (the standard
 dot-product bound, then Cauchy-Schwarz), so ``||E||_2 <= ||E||_F <= m n eps max C_ii``
-and its eigenvalues may fall ``m n eps max C_ii`` below those of the exact, PSD
-matrix. The tolerance thus admits, in the worst case, any Gram matrix with an inner
-dimension up to 64 and every entry wrong by up to 64 ulps of the largest variance; in
-practice rounding errors are not aligned, and for ``A @ A.T`` with random ``A`` in
-float32 and float64 (``n`` up to 300, inner dimension up to 2000, rank-deficient
-included) the measured smallest eigenvalue was at most 0.2 of ``n eps max C_ii``
-below zero. The test runs in float64 on the matrix scaled by its largest entry: a
-Cholesky factorization of ``C + tol I`` (cheap); only when that fails are the
-eigenvalues computed, to decide and to report the smallest. It implies
-``|C_ij| <= sqrt(C_ii C_jj)`` up to the same tolerance (a 2x2 principal minor).
+and its eigenvalues may fall that far below those of the exact, PSD matrix. The
+first term admits, in the worst case, any Gram matrix formed in ``w`` with an inner
+dimension up to 64 (every entry wrong by up to 64 ulps of the largest variance); the
+second admits the rounding of each entry to ``t`` for storage (half an ulp of
+``max C_ii`` per entry, ``n eps(t) / 2`` in norm, doubled). In practice rounding
+errors are not aligned: for ``A @ A.T`` with random ``A`` in float32 and float64
+(``n`` up to 300, inner dimension up to 2000, rank-deficient included) the measured
+smallest eigenvalue was at most 0.2 ``n eps max C_ii`` below zero. In bfloat16 the
+tolerance for ``n = 2`` is 1.6% of the largest variance, so ``[[1, 2], [2, 1]]``
+(smallest eigenvalue -1) is refused in every dtype. The test runs in float64 on the
+matrix scaled by its largest entry: a Cholesky factorization of ``C + tol I`` (cheap);
+only when that fails are the eigenvalues computed, to decide and to report the
+smallest. It implies ``|C_ij| <= sqrt(C_ii C_jj)`` up to the same tolerance (a 2x2
+principal minor).
 """
 
 from __future__ import annotations
@@ -223,7 +228,8 @@ def _check_psd(cov: torch.Tensor, fn: str, name: str) -> None:
     c = c / scale
     c = 0.5 * (c + c.transpose(-1, -2))
     max_var = torch.diagonal(c, dim1=-2, dim2=-1).amax(dim=-1)
-    tol = PSD_ULPS * n * torch.finfo(cov.dtype).eps * max_var  # (batch,)
+    ulps = PSD_ULPS * torch.finfo(compute_dtype(cov.dtype)).eps + torch.finfo(cov.dtype).eps
+    tol = n * ulps * max_var  # (batch,), module docstring
     eye = torch.eye(n, dtype=c.dtype, device=c.device)
     shifted = c + (tol + torch.finfo(torch.float64).tiny)[:, None, None] * eye
     _, info = torch.linalg.cholesky_ex(shifted)
@@ -236,7 +242,8 @@ def _check_psd(cov: torch.Tensor, fn: str, name: str) -> None:
         raise MomentInputError(
             f"{fn}: {name} is not positive semi-definite: smallest eigenvalue "
             f"{float(smallest[k] * scale.flatten()[k]):.3e} (matrix {k} of the batch; "
-            f"rounding-level values down to -{PSD_ULPS} n eps max(diag) are accepted)"
+            f"rounding-level values down to -{float(tol[k] * scale.flatten()[k]):.3e} are "
+            "accepted)"
         )
 
 

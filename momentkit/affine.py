@@ -117,8 +117,9 @@ def affine_moments(
     infinity in ``mean``, ``var_or_cov`` or the weights (an infinite mean or spread is
     not a Gaussian); a negative variance; a covariance that is not symmetric or not
     positive semi-definite beyond rounding (smallest eigenvalue below
-    ``-64 n eps max(diag)``, see ``momentkit._validate``); an output that overflows
-    the dtype. Empty input (a batch of 0, or 0 features) gives an empty result.
+    ``-65 n eps max(diag)`` in float32 and float64, see ``momentkit._validate``); an
+    output that overflows the dtype. Empty input (a batch of 0, or 0 features) gives an
+    empty result.
     """
     fn = "affine_moments"
     diagonal = check_mean_and_spread(mean, var_or_cov, fn)

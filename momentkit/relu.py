@@ -362,8 +362,8 @@ def relu_covariance(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     covariance with everything. ``rho = +-1`` is legal. Evaluated in float64.
     Raises :class:`MomentInputError` for NaN or inf in ``mean`` or ``cov``, and for a
     ``cov`` that is not symmetric or not positive semi-definite beyond rounding (smallest
-    eigenvalue below ``-64 n eps max(diag)``: ``momentkit._validate``). Empty input
-    (``n = 0``) gives an empty result.
+    eigenvalue below ``-65 n eps max(diag)`` in float32 and float64:
+    ``momentkit._validate``). Empty input (``n = 0``) gives an empty result.
     """
     mean, cov = _check_cov(mean, cov, "relu_covariance")
     dtype = _compute_dtype(torch.promote_types(mean.dtype, cov.dtype))

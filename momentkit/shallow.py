@@ -18,10 +18,10 @@ Errors (both functions) are :class:`~momentkit.errors.MomentInputError` naming t
 function and the argument: mismatched shapes; NaN or infinity in ``mean_x``, ``cov_x``
 or the weights (an infinite mean or spread is not a Gaussian); a negative variance; a
 full ``cov_x`` that is not symmetric or not positive semi-definite beyond rounding
-(smallest eigenvalue below ``-64 n eps max(diag)``, see ``momentkit._validate``); a
-pre-activation or output that overflows the dtype although the input is finite. No
-hidden units (``h = 0``) give the exact answer (``c2``, a zero covariance); an empty
-batch gives an empty result.
+(smallest eigenvalue below ``-65 n eps max(diag)`` in float32 and float64, see
+``momentkit._validate``); a pre-activation or output that overflows the dtype although
+the input is finite. No hidden units (``h = 0``) give the exact answer (``c2``, a zero
+covariance); an empty batch gives an empty result.
 """
 
 from __future__ import annotations
