@@ -277,3 +277,15 @@ def test_regularizer_works_for_a_half_precision_model(dtype):
     total.backward()
     assert model_h.fc1.weight.grad.dtype == dtype
     assert bool(torch.isfinite(model_h.fc1.weight.grad).all())
+
+
+def test_upsilon_variance_checks_its_input():
+    from momentkit.split import Upsilon
+
+    upsilon = Upsilon(nn.Linear(3, 2))
+    with pytest.raises(MomentInputError, match="^Upsilon.variance: input_var must be non-neg"):
+        upsilon.variance(-torch.ones(1, 3))
+    with pytest.raises(MomentInputError, match="^Upsilon.variance: input_var contains inf"):
+        upsilon.variance(torch.full((1, 3), float("inf")))
+    w = upsilon.affine.weight.detach()
+    torch.testing.assert_close(upsilon.variance(torch.ones(1, 3)), (w * w).sum(1)[None])
