@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentkit._validate import check_covariance_matrix
+from momentkit._validate import (
+    as_float_tensor,
+    as_spread,
+    check_finite,
+    check_mean_and_spread,
+    check_result,
+    compute_dtype,
+)
 from momentkit.errors import MomentInputError
 
 
@@ -26,18 +33,26 @@ class Normalize(nn.Module):
     feature vectors). Models that normalize their input carry this module first, so
     that noise can be specified in pixel space and its variance propagated exactly:
     a variance ``v`` becomes ``v / std**2``.
+
+    Raises :class:`MomentInputError` when ``mean`` and ``std`` have different lengths,
+    contain NaN or infinity, or a ``std`` is not positive.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.get_default_dtype()).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.get_default_dtype()).flatten()
+        fn = "Normalize"
+        mean_t = as_float_tensor(
+            torch.as_tensor(mean, dtype=torch.get_default_dtype()), "mean", fn, finite=True
+        ).flatten()
+        std_t = as_spread(
+            torch.as_tensor(std, dtype=torch.get_default_dtype()), "std", fn
+        ).flatten()
         if mean_t.shape != std_t.shape:
-            raise ValueError(
-                f"Normalize: mean has {mean_t.numel()} channels but std has {std_t.numel()}"
+            raise MomentInputError(
+                f"{fn}: mean has {mean_t.numel()} channels but std has {std_t.numel()}"
             )
         if not bool(torch.all(std_t > 0)):
-            raise ValueError("Normalize: every std must be positive")
+            raise MomentInputError(f"{fn}: std must be positive in every channel, found 0")
         self.register_buffer("mean", mean_t)
         self.register_buffer("std", std_t)
 
@@ -60,24 +75,10 @@ class Normalize(nn.Module):
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
 
 
-def _validate_spread(mean: torch.Tensor, var_or_cov: torch.Tensor, fn: str) -> bool:
-    """Return True for a diagonal (variance) input, False for a full covariance."""
-    for name, t in (("mean", mean), ("var_or_cov", var_or_cov)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise MomentInputError(f"{fn}: {name} must be a floating-point tensor")
-        if bool(torch.isnan(t).any()):
-            raise MomentInputError(f"{fn}: {name} contains NaN")
-    if var_or_cov.shape == mean.shape:
-        if bool((var_or_cov < 0).any()):
-            raise MomentInputError(f"{fn}: var_or_cov (a variance) has negative entries")
-        return True
-    if var_or_cov.dim() >= 2 and var_or_cov.shape[-1] == var_or_cov.shape[-2]:
-        check_covariance_matrix(var_or_cov, fn, "var_or_cov (a covariance)")
-        return False
-    raise MomentInputError(
-        f"{fn}: var_or_cov of shape {tuple(var_or_cov.shape)} is neither a variance of the "
-        f"mean's shape {tuple(mean.shape)} nor a covariance of shape (..., n, n)"
-    )
+def _check_weights(layer: nn.Module, fn: str) -> None:
+    for pname, p in (*layer.named_parameters(), *layer.named_buffers()):
+        if p.is_floating_point():
+            check_finite(p, f"layer_or_matrix.{pname}", fn)
 
 
 def _full_cov_through_linear(matrix: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -107,10 +108,46 @@ def affine_moments(
     vectors of length ``n`` and ``(N, D, D)``, ``D = C*H*W``, for images of shape
     ``(N, C, H, W)`` (output ``(N, D', D')`` over the flattened output). Returns
     ``(out_mean, out_var_or_cov)`` in the same form as the input. Exact up to
-    rounding. Raises :class:`MomentInputError` for bad input or an unsupported layer.
+    rounding.
+
+    Precision: the result has the dtype of ``mean`` and ``var_or_cov`` promoted; float16
+    and bfloat16 input is computed in float32 and rounded once to the input dtype.
+
+    Raises :class:`MomentInputError` for an unsupported layer or bad input: NaN or
+    infinity in ``mean``, ``var_or_cov`` or the weights (an infinite mean or spread is
+    not a Gaussian); a negative variance; a covariance that is not symmetric or not
+    positive semi-definite beyond rounding (smallest eigenvalue below
+    ``-65 n eps max(diag)`` in float32 and float64, see ``momentkit._validate``); an
+    output that overflows the dtype. Empty input (a batch of 0, or 0 features) gives an
+    empty result.
     """
     fn = "affine_moments"
-    diagonal = _validate_spread(mean, var_or_cov, fn)
+    diagonal = check_mean_and_spread(mean, var_or_cov, fn)
+    if isinstance(layer_or_matrix, nn.Module):
+        _check_weights(layer_or_matrix, fn)
+    elif isinstance(layer_or_matrix, torch.Tensor):
+        as_float_tensor(layer_or_matrix, "layer_or_matrix", fn, finite=True)
+    if bias is not None:
+        as_float_tensor(bias, "bias", fn, finite=True)
+    out_dtype = torch.promote_types(mean.dtype, var_or_cov.dtype)
+    work = compute_dtype(out_dtype)
+    out_mean, out_spread = _affine_moments(
+        layer_or_matrix, mean.to(work), var_or_cov.to(work), bias, diagonal, fn
+    )
+    out_mean = check_result(out_mean.to(out_dtype), "the output mean", fn)
+    what = "the output variance" if diagonal else "the output covariance"
+    return out_mean, check_result(out_spread.to(out_dtype), what, fn)
+
+
+def _affine_moments(
+    layer_or_matrix: nn.Module | torch.Tensor,
+    mean: torch.Tensor,
+    var_or_cov: torch.Tensor,
+    bias: torch.Tensor | None,
+    diagonal: bool,
+    fn: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`affine_moments` on checked input of one working dtype."""
     if isinstance(layer_or_matrix, torch.Tensor):
         a = layer_or_matrix.to(mean.dtype)
         if a.dim() != 2 or a.shape[1] != mean.shape[-1]:
@@ -128,7 +165,7 @@ def affine_moments(
         raise MomentInputError(f"{fn}: bias is only taken with a matrix, not with a module")
     layer = layer_or_matrix
     if isinstance(layer, nn.Linear):
-        return affine_moments(layer.weight, mean, var_or_cov, layer.bias)
+        return _affine_moments(layer.weight, mean, var_or_cov, layer.bias, diagonal, fn)
     if isinstance(layer, Normalize):
         out_mean = layer(mean)
         if diagonal:

@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentkit._validate import check_batch, check_scalar, check_sigma_tensor, compute_dtype
 from momentkit.errors import MomentInputError
 from momentkit.relu import relu_mean
-from momentkit.split import Upsilon, split_at_first_relu
+from momentkit.split import Upsilon, _split
 
 __all__ = [
     "ExpectedPrediction",
@@ -69,9 +70,11 @@ def _fingerprint(model: nn.Module) -> tuple:
     return submodules + tuple(model.parameters()) + tuple(model.buffers())
 
 
-def _cached_split(model: nn.Module) -> tuple[Upsilon, nn.Module]:
+def _cached_split(
+    model: nn.Module, fn: str = "expected_prediction"
+) -> tuple[Upsilon, nn.Module]:
     if not isinstance(model, nn.Module):
-        raise MomentInputError(f"model: expected an nn.Module, got {type(model).__name__}")
+        raise MomentInputError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
     fingerprint = _fingerprint(model)
     entry = _SPLITS.get(model)
     if entry is not None:
@@ -81,27 +84,9 @@ def _cached_split(model: nn.Module) -> tuple[Upsilon, nn.Module]:
         )
         if same:
             return upsilon, omega
-    upsilon, omega = split_at_first_relu(model)
+    upsilon, omega = _split(model, fn)
     _SPLITS[model] = (fingerprint, upsilon, omega)
     return upsilon, omega
-
-
-def _check_sigma_values(sigma: SigmaLike, name: str = "sigma") -> torch.Tensor:
-    """``sigma`` as a tensor, checked to be real, finite and non-negative."""
-    try:
-        # Python numbers go through float64 so that float64 work sees them exactly.
-        sigma_t = sigma if isinstance(sigma, torch.Tensor) else torch.as_tensor(
-            sigma, dtype=torch.float64
-        )
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise MomentInputError(f"{name}: expected a number or a tensor, got {sigma!r}") from exc
-    if not (sigma_t.is_floating_point() or sigma_t.dtype in (torch.int32, torch.int64)):
-        raise MomentInputError(f"{name}: expected real numbers, got dtype {sigma_t.dtype}")
-    if sigma_t.numel() and not bool(torch.isfinite(sigma_t).all()):
-        raise MomentInputError(f"{name}: must be finite, got NaN or infinity")
-    if sigma_t.numel() and bool((sigma_t < 0).any()):
-        raise MomentInputError(f"{name}: a standard deviation must be >= 0, got a negative value")
-    return sigma_t
 
 
 def input_variance(sigma: SigmaLike, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +102,15 @@ def input_variance(sigma: SigmaLike, x: torch.Tensor) -> torch.Tensor:
         MomentInputError: ``sigma`` is negative, NaN, infinite, not real or of another
             shape; ``x`` has fewer than 2 dimensions or is not floating point.
     """
-    _check_batch(x)
-    sigma_t = _check_sigma_values(sigma).to(dtype=x.dtype, device=x.device)
+    return _input_variance(sigma, x, "input_variance")
+
+
+def _input_variance(
+    sigma: SigmaLike, x: torch.Tensor, fn: str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """:func:`input_variance` with errors naming ``fn``, in ``dtype`` (default x's)."""
+    check_batch(x, fn)
+    sigma_t = check_sigma_tensor(sigma, fn).to(dtype=dtype or x.dtype, device=x.device)
     var = sigma_t * sigma_t
     one_image = (1, *x.shape[1:])
     if var.dim() == 0:
@@ -130,21 +122,10 @@ def input_variance(sigma: SigmaLike, x: torch.Tensor) -> torch.Tensor:
     if var.shape == x.shape:
         return var
     raise MomentInputError(
-        f"sigma: shape {tuple(var.shape)} is none of () (scalar), ({x.shape[1]},) (per "
+        f"{fn}: sigma of shape {tuple(var.shape)} is none of () (scalar), ({x.shape[1]},) (per "
         f"channel), {tuple(x.shape[1:])} (per element) or {tuple(x.shape)} (per element "
         "of every image)"
     )
-
-
-def _check_batch(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise MomentInputError(f"x: expected a tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise MomentInputError(
-            f"x: expected a batch (N, ...) with at least 2 dimensions, got shape {tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        raise MomentInputError(f"x: expected a floating point tensor, got dtype {x.dtype}")
 
 
 def expected_prediction(
@@ -172,27 +153,62 @@ def expected_prediction(
         With ``sigma = 0`` the two are equal exactly. Differentiable in the parameters
         (and in ``sigma`` if it is a tensor that requires grad).
 
+    Precision: both outputs have the model's dtype; for a float16 or bfloat16 model
+    the noise variance and ``mu3`` are computed in float32 and ``mu3`` is rounded once
+    to the model's dtype before ``Omega``.
+
     Raises:
-        MomentInputError: bad ``sigma`` or ``x`` (:func:`input_variance`), or a
-            network that cannot be split (:func:`~momentkit.split.split_at_first_relu`).
+        MomentInputError: bad ``sigma`` or ``x`` (:func:`input_variance`); NaN or
+            infinity in ``x``; a network that cannot be split
+            (:func:`~momentkit.split.split_at_first_relu`); a non-finite pre-activation
+            or output, naming the model parameter that holds NaN or infinity (a
+            diverged training run) or, when all are finite, saying which quantity
+            overflowed. No NaN is ever returned. Messages start with the name of the
+            function called (``expected_prediction`` or ``moment_regularized_loss``).
     """
-    upsilon, omega = _cached_split(model)
-    var_in = input_variance(sigma, x)
+    return _expected_prediction(model, x, sigma, "expected_prediction")
+
+
+def _nonfinite_error(model: nn.Module, what: str, dtype: torch.dtype, fn: str):
+    """The error for a non-finite ``what``: the first non-finite parameter or buffer of
+    ``model`` by name, else an overflow of ``dtype``."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            return MomentInputError(
+                f"{fn}: {what} is not finite because the model's {name!r} contains {kind} "
+                "(a diverged training run?)"
+            )
+    return MomentInputError(
+        f"{fn}: {what} overflows {dtype} although x and the model's parameters are finite"
+    )
+
+
+def _expected_prediction(
+    model: nn.Module, x: torch.Tensor, sigma: SigmaLike, fn: str
+) -> ExpectedPrediction:
+    """:func:`expected_prediction` with errors naming ``fn``."""
+    upsilon, omega = _cached_split(model, fn)
+    work = compute_dtype(x.dtype) if isinstance(x, torch.Tensor) else None
+    var_in = _input_variance(sigma, x, fn, dtype=work)
     pre = upsilon(x)
-    pre_var = upsilon.variance(var_in)
+    pre_var = upsilon._variance(var_in)
+    flags = torch.stack(
+        [torch.isfinite(x).all(), torch.isfinite(pre).all(), torch.isfinite(pre_var).all()]
+    ).tolist()
+    if not flags[0]:
+        kind = "NaN" if bool(torch.isnan(x).any()) else "inf"
+        raise MomentInputError(f"{fn}: x contains {kind}")
+    if not flags[1]:
+        raise _nonfinite_error(upsilon, "the first layer's output Upsilon(x)", pre.dtype, fn)
+    if not flags[2]:
+        raise _nonfinite_error(upsilon, "the pre-activation variance", pre_var.dtype, fn)
     output = omega(torch.relu(pre))
-    surrogate = omega(relu_mean(pre, pre_var))
+    mu3 = relu_mean(pre.to(work), pre_var).to(pre.dtype)
+    surrogate = omega(mu3)
+    if not bool(torch.isfinite(output).all() & torch.isfinite(surrogate).all()):
+        raise _nonfinite_error(model, "the network's output", output.dtype, fn)
     return ExpectedPrediction(output, surrogate)
-
-
-def _check_alpha(alpha: float) -> float:
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError) as exc:
-        raise MomentInputError(f"alpha: expected a number, got {alpha!r}") from exc
-    if not (value >= 0 and value != float("inf")):
-        raise MomentInputError(f"alpha: must be finite and >= 0, got {alpha!r}")
-    return value
 
 
 def moment_regularized_loss(
@@ -210,15 +226,20 @@ def moment_regularized_loss(
 
     Raises:
         MomentInputError: ``alpha`` negative, NaN or infinite; ``y`` of another batch
-            size than ``x``; and everything :func:`expected_prediction` raises.
+            size than ``x``; an empty batch (its mean loss is undefined); and everything
+            :func:`expected_prediction` raises, named as coming from this function.
     """
-    alpha = _check_alpha(alpha)
+    fn = "moment_regularized_loss"
+    alpha = check_scalar(alpha, "alpha", fn)
+    check_batch(x, fn)
+    if x.shape[0] == 0:
+        raise MomentInputError(f"{fn}: x is an empty batch; its mean loss is undefined")
     if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
         shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
         raise MomentInputError(
-            f"y: expected labels for the {x.shape[0]} inputs of x, got {shape}"
+            f"{fn}: y must hold labels for the {x.shape[0]} inputs of x, got {shape}"
         )
-    output, surrogate = expected_prediction(model, x, sigma)
+    output, surrogate = _expected_prediction(model, x, sigma, fn)
     clean_term = F.cross_entropy(output, y)
     moment_term = F.cross_entropy(surrogate, y)
     return clean_term + alpha * moment_term, clean_term, moment_term
@@ -237,8 +258,8 @@ class MomentRegularizedLoss(nn.Module):
 
     def __init__(self, sigma: SigmaLike, alpha: float) -> None:
         super().__init__()
-        sigma_t = _check_sigma_values(sigma)
-        self.alpha = _check_alpha(alpha)
+        sigma_t = check_sigma_tensor(sigma, "MomentRegularizedLoss")
+        self.alpha = check_scalar(alpha, "alpha", "MomentRegularizedLoss")
         if isinstance(sigma, torch.Tensor):
             self.register_buffer("sigma", sigma_t)
         elif sigma_t.dim() == 0:

@@ -65,7 +65,12 @@ from momentkit._relu_kernels import (
 from momentkit._relu_kernels import (
     compute_dtype as _compute_dtype,
 )
-from momentkit._validate import check_covariance_matrix
+from momentkit._validate import (
+    as_float_tensor,
+    as_spread,
+    broadcast_shape,
+    check_covariance_matrix,
+)
 from momentkit.errors import MomentInputError
 from momentkit.special import (
     bivariate_normal_cdf,
@@ -73,34 +78,10 @@ from momentkit.special import (
 )
 
 
-def _as_float_tensor(x, name: str, fn: str, like: torch.Tensor | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(
-            x,
-            dtype=like.dtype if like is not None else torch.get_default_dtype(),
-            device=like.device if like is not None else None,
-        )
-    if not x.is_floating_point():
-        raise MomentInputError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
-    if bool(torch.isnan(x).any()):
-        raise MomentInputError(f"{fn}: {name} contains NaN")
-    return x
-
-
 def _check_pair(mean, spread, mean_name: str, spread_name: str, fn: str, expand: bool = True):
-    mean = _as_float_tensor(mean, mean_name, fn)
-    spread = _as_float_tensor(spread, spread_name, fn, like=mean)
-    if bool(torch.isinf(spread).any()):
-        raise MomentInputError(f"{fn}: {spread_name} contains inf")
-    if bool((spread < 0).any()):
-        raise MomentInputError(f"{fn}: {spread_name} must be non-negative, found negative values")
-    try:
-        shape = torch.broadcast_shapes(mean.shape, spread.shape)
-    except RuntimeError as exc:
-        raise MomentInputError(
-            f"{fn}: {mean_name} of shape {tuple(mean.shape)} and {spread_name} of shape "
-            f"{tuple(spread.shape)} do not broadcast"
-        ) from exc
+    mean = as_float_tensor(mean, mean_name, fn, finite=True)
+    spread = as_spread(spread, spread_name, fn, like=mean)
+    shape = broadcast_shape(mean, spread, (mean_name, spread_name), fn)
     dtype = _compute_dtype(torch.promote_types(mean.dtype, spread.dtype))
     mean, spread = mean.to(dtype), spread.to(dtype)
     if expand:
@@ -117,8 +98,9 @@ def relu_mean_std(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     dtype (half precision is computed in float32). ``std = 0`` gives exactly
     ``ReLU(mean)``. Gradients are the analytic ``dT/dmean = Phi(z)``,
     ``dT/dstd = phi(z)``, and differentiable again (exact second derivatives).
-    Raises :class:`MomentInputError` for NaN, negative or infinite ``std``, or shapes
-    that do not broadcast.
+    Raises :class:`MomentInputError` for NaN or infinity in either argument (a Gaussian
+    with an infinite mean or spread is not a distribution), negative ``std``, or
+    shapes that do not broadcast.
     """
     mu, s = _check_pair(mean, std, "mean", "std", "relu_mean_std", expand=False)
     return ReluMean.apply(mu, s).to(_result_dtype(mean, std))
@@ -139,7 +121,8 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
 
     Returns ``(mean, var)`` of the broadcast shape; the variance is never negative and
     is exactly 0 where ``var = 0``. Computed in float64 internally (see the module
-    docstring for the accuracy reached). Raises :class:`MomentInputError` on bad input.
+    docstring for the accuracy reached). Raises :class:`MomentInputError` on bad input
+    (as :func:`relu_mean_std`: NaN or inf in either argument, a negative ``var``).
     """
     mu, v = _check_pair(mean, var, "mean", "var", "relu_moments")
     v = v.contiguous()
@@ -149,11 +132,11 @@ def relu_moments(mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _check_cov(mean, cov, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
-    cov = _as_float_tensor(cov, "cov", fn)
+    cov = as_float_tensor(cov, "cov", fn)
     check_covariance_matrix(cov, fn)
     if mean is not None:
-        mean = _as_float_tensor(mean, "mean", fn, like=cov)
-        if mean.shape[-1:] != cov.shape[-1:]:
+        mean = as_float_tensor(mean, "mean", fn, like=cov, finite=True)
+        if mean.dim() < 1 or mean.shape[-1:] != cov.shape[-1:]:
             raise MomentInputError(
                 f"{fn}: mean of shape {tuple(mean.shape)} does not match cov of shape "
                 f"{tuple(cov.shape)}"
@@ -215,6 +198,10 @@ def relu_covariance(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     in the inputs' promoted dtype. Second derivatives are exact, except at
     ``rho = +-1`` with ``mean_i / s_i = rho mean_j / s_j``, where none exists and a
     second backward pass raises ``RuntimeError``.
+    Raises :class:`MomentInputError` for NaN or inf in ``mean`` or ``cov``, and for a
+    ``cov`` that is not symmetric or not positive semi-definite beyond rounding (smallest
+    eigenvalue below ``-65 n eps max(diag)`` in float32 and float64:
+    ``momentkit._validate``). Empty input (``n = 0``) gives an empty result.
     """
     mean, cov = _check_cov(mean, cov, "relu_covariance")
     mu = mean.double()
@@ -245,7 +232,8 @@ def relu_covariance_zero_mean(cov: torch.Tensor) -> torch.Tensor:
     formula gives 0.254). ``cov``: ``(..., n, n)``; returns the same shape and dtype.
     Second derivatives are exact for ``|rho| < 1``; at ``rho = +-1`` between two
     variables the second derivative ``1/sqrt(1 - rho^2)`` is unbounded, and a second
-    backward pass that needs it raises ``RuntimeError``.
+    backward pass that needs it raises ``RuntimeError``. Raises
+    :class:`MomentInputError` for ``cov`` as :func:`relu_covariance` does.
     """
     _, cov = _check_cov(None, cov, "relu_covariance_zero_mean")
     c = cov.to(_compute_dtype(cov.dtype))

@@ -42,9 +42,10 @@ import numpy as np
 import torch
 from scipy import stats
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 from tqdm.auto import tqdm
 
+from momentkit._validate import check_count, check_scalar, check_seed, check_sigmas
 from momentkit.errors import MomentInputError
 
 __all__ = [
@@ -121,9 +122,9 @@ def ring_noise(
     shape = tuple(int(d) for d in shape)
     if len(shape) < 2 or any(d <= 0 for d in shape):
         raise MomentInputError(
-            f"shape: expected (B, *event) with positive sizes, got {shape}"
+            f"ring_noise: shape must be (B, *event) with positive sizes, got {shape}"
         )
-    sigma = _check_sigma(sigma, "sigma")
+    sigma = check_scalar(sigma, "sigma", "ring_noise")
     z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     return _to_ring(z, sigma)
 
@@ -133,16 +134,6 @@ def _to_ring(z: torch.Tensor, sigma: float) -> torch.Tensor:
     flat = z.reshape(z.shape[0], -1)
     radius = sigma * math.sqrt(flat.shape[1])
     return (flat * (radius / flat.norm(dim=1, keepdim=True))).view_as(z)
-
-
-def _check_sigma(sigma: float, name: str) -> float:
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError) as exc:
-        raise MomentInputError(f"{name}: expected a number, got {sigma!r}") from exc
-    if not math.isfinite(value) or value < 0:
-        raise MomentInputError(f"{name}: must be finite and >= 0, got {sigma!r}")
-    return value
 
 
 def area_under_curve(curve: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -156,28 +147,6 @@ def area_under_curve(curve: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     if sigmas.numel() == 1:
         return curve[0]
     return torch.trapezoid(curve, sigmas, dim=0) / (sigmas[-1] - sigmas[0])
-
-
-def _check_sigmas(sigmas: Iterable[float] | torch.Tensor | None) -> torch.Tensor:
-    if sigmas is None:
-        return torch.tensor(DEFAULT_SIGMAS, dtype=torch.float64)
-    try:
-        s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise MomentInputError(
-            f"sigmas: expected a 1-D sequence of numbers, got {sigmas!r}"
-        ) from exc
-    if s.dim() != 1 or s.numel() == 0:
-        raise MomentInputError(
-            f"sigmas: expected a non-empty 1-D sequence, got shape {tuple(s.shape)}"
-        )
-    if not bool(torch.isfinite(s).all()):
-        raise MomentInputError("sigmas: must be finite, got NaN or infinity")
-    if bool((s < 0).any()):
-        raise MomentInputError("sigmas: standard deviations must be >= 0, got a negative value")
-    if bool((s[1:] <= s[:-1]).any()):
-        raise MomentInputError("sigmas: must be strictly increasing")
-    return s
 
 
 def _block_normals(
@@ -210,12 +179,36 @@ def _n_batches(data: torch.Tensor | Iterable, batch_size: int) -> int | None:
         return None
 
 
-def _batches(data: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.Tensor]:
+def _check_order(data: object, fn: str) -> None:
+    """Refuse a DataLoader that does not visit its dataset in order: the noise of an
+    image is tied to its position, so a shuffled loader would score differently on
+    every run (and differently from the unshuffled one)."""
+    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return
+    if data.batch_sampler is None:
+        sampler = data.sampler
+    elif type(data.batch_sampler) is BatchSampler:
+        sampler = data.batch_sampler.sampler
+    else:
+        sampler = data.batch_sampler
+    if type(sampler) is not SequentialSampler:
+        raise MomentInputError(
+            f"{fn}: data is a DataLoader with a {type(sampler).__name__}, which does not "
+            "visit the images in order; the noise is tied to each image's position, so the "
+            "result would depend on the order. Pass a DataLoader with shuffle=False (and "
+            "no sampler) or a tensor of inputs"
+        )
+
+
+def _batches(
+    data: torch.Tensor | Iterable, batch_size: int, fn: str
+) -> Iterator[torch.Tensor]:
     if isinstance(data, Dataset):
         raise MomentInputError(
-            "data: got a Dataset, whose items are single images; pass a DataLoader "
+            f"{fn}: data is a Dataset, whose items are single images; pass a DataLoader "
             "(shuffle=False) or a tensor of inputs"
         )
+    _check_order(data, fn)
     if isinstance(data, torch.Tensor):
         for start in range(0, data.shape[0], batch_size):
             yield data[start : start + batch_size]
@@ -224,16 +217,22 @@ def _batches(data: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.T
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(x, torch.Tensor):
             raise MomentInputError(
-                f"data: expected batches of tensors or (input, label) pairs, got {type(x).__name__}"
+                f"{fn}: data must yield batches of tensors or (input, label) pairs, got "
+                f"{type(x).__name__}"
             )
         yield x
 
 
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _predict(model: nn.Module, x: torch.Tensor, fn: str) -> torch.Tensor:
     out = model(x)
     if out.dim() < 2 or out.shape[0] != x.shape[0]:
         raise MomentInputError(
-            f"model: expected an output (batch, classes), got shape {tuple(out.shape)}"
+            f"{fn}: model must give an output (batch, classes), got shape {tuple(out.shape)}"
+        )
+    if bool(torch.isnan(out).any()):
+        raise MomentInputError(
+            f"{fn}: model gives NaN outputs (non-finite parameters?); its predictions, and "
+            "so its robustness, are meaningless"
         )
     return out.reshape(out.shape[0], -1).argmax(dim=1)
 
@@ -272,7 +271,9 @@ def gaussian_robustness(
         data: a tensor of inputs ``(N, ...)`` (batched internally by ``batch_size``),
             or an iterable (e.g. an unshuffled ``DataLoader``) of input batches or
             ``(input, label)`` batches. Image ``i`` is the ``i``-th input in iteration
-            order; noise is tied to that position.
+            order; noise is tied to that position, so a ``DataLoader`` whose sampler is
+            not sequential (``shuffle=True``, a custom sampler or batch sampler) is
+            refused: its result would depend on the order. Empty batches are skipped.
         sigmas: increasing, non-negative noise standard deviations in input units.
         samples: noise draws ``m`` per image and sigma, >= 1.
         seed: non-negative integer seed of the noise and of the bootstrap.
@@ -292,22 +293,28 @@ def gaussian_robustness(
     Raises:
         MomentInputError: ``sigmas`` negative, NaN, not increasing or not 1-D;
             ``samples``, ``seed``, ``batch_size``, ``n_boot``, ``confidence`` or
-            ``noise`` out of range; empty data, inputs that are not floating point or
-            contain NaN, inputs of different shapes; a model output that is not
-            ``(batch, classes)``.
+            ``noise`` out of range; data without images, inputs that are not floating
+            point or contain NaN or infinity (the prediction of an infinite image is
+            meaningless), inputs of different shapes, a shuffled ``DataLoader``; a model
+            output that is not ``(batch, classes)`` or contains NaN. Messages start with
+            ``gaussian_robustness:``.
     """
-    sigma_t = _check_sigmas(sigmas)
-    for name, value, low in (("samples", samples, 1), ("seed", seed, 0),
-                             ("batch_size", batch_size, 1), ("n_boot", n_boot, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise MomentInputError(f"{name}: expected an integer >= {low}, got {value!r}")
+    fn = "gaussian_robustness"
+    sigma_t = (
+        torch.tensor(DEFAULT_SIGMAS, dtype=torch.float64)
+        if sigmas is None
+        else check_sigmas(sigmas, fn)
+    )
+    samples = check_count(samples, "samples", fn)
+    seed = check_seed(seed, fn)
+    batch_size = check_count(batch_size, "batch_size", fn)
+    n_boot = check_count(n_boot, "n_boot", fn)
     if noise is None:
         noise = "ring" if samples == 1 else "gaussian"
     if noise not in ("ring", "gaussian"):
-        raise MomentInputError(f"noise: expected 'ring' or 'gaussian', got {noise!r}")
-    if not 0 < confidence < 1:
-        raise MomentInputError(f"confidence: must lie in (0, 1), got {confidence!r}")
-    seed, samples = int(seed), int(samples)
+        raise MomentInputError(f"{fn}: noise must be 'ring' or 'gaussian', got {noise!r}")
+    if check_scalar(confidence, "confidence", fn, upper=1.0) == 0:
+        raise MomentInputError(f"{fn}: confidence must lie in (0, 1), got {confidence!r}")
     if device is None:
         device = _model_device(model)
 
@@ -318,25 +325,30 @@ def gaussian_robustness(
     start = 0
     try:
         with torch.no_grad():
-            batches = tqdm(_batches(data, batch_size), total=_n_batches(data, batch_size),
+            batches = tqdm(_batches(data, batch_size, fn), total=_n_batches(data, batch_size),
                            disable=not progress, desc="robustness")
             for x in batches:
                 if event is None:
                     event = tuple(x.shape[1:])
                 if x.dim() < 2 or tuple(x.shape[1:]) != event or not x.is_floating_point():
                     raise MomentInputError(
-                        f"data: every input batch must be floating point (N, *{event}); got "
-                        f"{x.dtype} {tuple(x.shape)} at image {start}"
+                        f"{fn}: every input batch of data must be floating point "
+                        f"(N, *{event}); got {x.dtype} {tuple(x.shape)} at image {start}"
                     )
-                if bool(torch.isnan(x).any()):
-                    raise MomentInputError(f"data: NaN in the batch starting at image {start}")
+                if x.shape[0] == 0:
+                    continue  # an empty batch holds no image and moves no position
+                if not bool(torch.isfinite(x).all()):
+                    kind = "NaN" if bool(torch.isnan(x).any()) else "inf"
+                    raise MomentInputError(
+                        f"{fn}: data contains {kind} in the batch starting at image {start}"
+                    )
                 x = x.to(device) if device is not None else x
-                rows.append(_robust_batch(model, x, sigma_t, samples, noise, seed, start))
+                rows.append(_robust_batch(model, x, sigma_t, samples, noise, seed, start, fn))
                 start += x.shape[0]
     finally:
         model.train(was_training)
     if start == 0:
-        raise MomentInputError("data: no images")
+        raise MomentInputError(f"{fn}: data holds no images")
 
     per_image = torch.cat(rows, dim=1)  # (S, N)
     curve = per_image.double().mean(dim=1)
@@ -366,10 +378,11 @@ def _robust_batch(
     noise: str,
     seed: int,
     start: int,
+    fn: str,
 ) -> torch.Tensor:
     """Bool ``(S, B)``: robust or not, for images ``[start, start + B)`` of the data."""
     batch = x.shape[0]
-    clean = _predict(model, x)
+    clean = _predict(model, x, fn)
     robust = torch.ones(len(sigmas), batch, dtype=torch.bool)
     draw_dtype = torch.promote_types(x.dtype, torch.float32)
     for k, sigma in enumerate(sigmas.tolist()):
@@ -378,6 +391,6 @@ def _robust_batch(
         for j in range(samples):
             z = _standard_normals(seed, start, start + batch, k, j, tuple(x.shape[1:]), draw_dtype)
             n = _to_ring(z, sigma) if noise == "ring" else z * sigma
-            pred = _predict(model, x + n.to(device=x.device, dtype=x.dtype))
+            pred = _predict(model, x + n.to(device=x.device, dtype=x.dtype), fn)
             robust[k] &= (pred == clean).cpu()
     return robust

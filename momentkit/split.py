@@ -9,7 +9,9 @@ that split for
   containers are flattened, modules are shared, not copied), and
 * ordinary ``nn.Module`` networks, through ``torch.fx`` symbolic tracing. A ReLU is an
   ``nn.ReLU`` module, a ``torch.nn.functional.relu`` / ``torch.relu`` call (in-place
-  forms included) or a ``tensor.relu()`` method call.
+  forms included) or a ``tensor.relu()`` method call. After an in-place ReLU
+  (``h.relu_()``, ``F.relu(h, inplace=True)``, ``nn.ReLU(inplace=True)``) a later use
+  of ``h`` is a use of the ReLU's output, not a skip connection.
 
 The stem must be: an optional elementwise input normalization
 (:class:`momentkit.affine.Normalize`), an optional ``nn.Flatten`` (``torch.flatten``
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from momentkit.affine import Normalize, affine_moments
+from momentkit._validate import as_spread, check_result
+from momentkit.affine import Normalize, _affine_moments
 from momentkit.errors import MomentInputError
 
 __all__ = ["Upsilon", "split_at_first_relu"]
@@ -63,20 +66,20 @@ class Upsilon(nn.Module):
         super().__init__()
         if not isinstance(affine, _AFFINE_TYPES):
             raise MomentInputError(
-                f"affine: expected nn.Linear or nn.Conv2d, got {type(affine).__name__}"
+                f"Upsilon: affine: expected nn.Linear or nn.Conv2d, got {type(affine).__name__}"
             )
         if normalize is not None and not isinstance(normalize, Normalize):
             raise MomentInputError(
-                f"normalize: expected momentkit.affine.Normalize or None, "
+                f"Upsilon: normalize: expected momentkit.affine.Normalize or None, "
                 f"got {type(normalize).__name__}"
             )
         if flatten is not None and not isinstance(flatten, nn.Flatten):
             raise MomentInputError(
-                f"flatten: expected nn.Flatten or None, got {type(flatten).__name__}"
+                f"Upsilon: flatten: expected nn.Flatten or None, got {type(flatten).__name__}"
             )
         if flatten is not None and not _keeps_batch_dim(flatten.start_dim):
             raise MomentInputError(
-                f"flatten: start_dim={flatten.start_dim} may merge the batch dimension; "
+                f"Upsilon: flatten: start_dim={flatten.start_dim} may merge the batch dimension; "
                 "it must be at least 1"
             )
         self.normalize = normalize
@@ -101,14 +104,24 @@ class Upsilon(nn.Module):
         ``nn.Linear`` the product with the squared weight matrix
         (:func:`momentkit.affine.affine_moments`). The result has the batch size of
         ``input_var`` and the shape of ``Upsilon``'s output otherwise; it is exact up
-        to rounding and differentiable with respect to the weights.
+        to rounding and differentiable with respect to the weights. Raises
+        :class:`MomentInputError` for NaN, infinite or negative ``input_var``, or a
+        result that overflows.
         """
+        fn = "Upsilon.variance"
+        as_spread(input_var, "input_var", fn)
+        return check_result(self._variance(input_var), "the variance", fn)
+
+    def _variance(self, input_var: torch.Tensor) -> torch.Tensor:
+        """:meth:`variance` without checks (for callers that check themselves)."""
         var = input_var
         if self.normalize is not None:
             var = self.normalize.scale_variance(var)
         if self.flatten is not None:
             var = self.flatten(var)
-        _, out_var = affine_moments(self.affine, torch.zeros_like(var), var)
+        _, out_var = _affine_moments(
+            self.affine, torch.zeros_like(var), var, None, True, "Upsilon.variance"
+        )
         return out_var
 
 
@@ -133,8 +146,13 @@ def split_at_first_relu(model: nn.Module) -> tuple[Upsilon, nn.Module]:
             the network other than through the first ReLU; the network takes more than
             one input; or ``torch.fx`` cannot trace it.
     """
+    return _split(model, "split_at_first_relu")
+
+
+def _split(model: nn.Module, fn: str) -> tuple[Upsilon, nn.Module]:
+    """:func:`split_at_first_relu` with errors naming ``fn``, the function called."""
     if not isinstance(model, nn.Module):
-        raise MomentInputError(f"model: expected an nn.Module, got {type(model).__name__}")
+        raise MomentInputError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.Sequential):
         modules = list(_flatten_sequential(model))
         relu_at = next((i for i, m in enumerate(modules) if isinstance(m, nn.ReLU)), None)
@@ -142,8 +160,8 @@ def split_at_first_relu(model: nn.Module) -> tuple[Upsilon, nn.Module]:
         # A custom module before the first nn.ReLU may hide the ReLU or the stem inside
         # its forward: let torch.fx look inside it.
         if not any(_is_custom(m) for m in before):
-            return _split_sequential(modules, relu_at)
-    return _split_traced(model)
+            return _split_sequential(modules, relu_at, fn)
+    return _split_traced(model, fn)
 
 
 def _flatten_sequential(seq: nn.Sequential) -> Iterator[nn.Module]:
@@ -166,17 +184,17 @@ def _keeps_batch_dim(start_dim: int) -> bool:
     return start_dim >= 1
 
 
-def _stem_error(found: str) -> MomentInputError:
+def _stem_error(found: str, fn: str) -> MomentInputError:
     return MomentInputError(
-        f"model: the layers before the first ReLU must be {_STEM_FORM}; found {found}"
+        f"{fn}: model: the layers before the first ReLU must be {_STEM_FORM}; found {found}"
     )
 
 
 def _split_sequential(
-    modules: list[nn.Module], relu_at: int | None
+    modules: list[nn.Module], relu_at: int | None, fn: str
 ) -> tuple[Upsilon, nn.Module]:
     if relu_at is None:
-        raise MomentInputError("model: no nn.ReLU found in the nn.Sequential network")
+        raise MomentInputError(f"{fn}: model: no nn.ReLU found in the nn.Sequential network")
     stem = modules[:relu_at]
     names = ", ".join(type(m).__name__ for m in stem) or "nothing"
     normalize = flatten = None
@@ -187,9 +205,9 @@ def _split_sequential(
         flatten = rest.pop(0)
         if not _keeps_batch_dim(flatten.start_dim):
             raise _stem_error(f"nn.Flatten(start_dim={flatten.start_dim}), which may merge "
-                              "the batch dimension")
+                              "the batch dimension", fn)
     if len(rest) != 1 or not isinstance(rest[0], _AFFINE_TYPES):
-        raise _stem_error(f"[{names}]")
+        raise _stem_error(f"[{names}]", fn)
     upsilon = Upsilon(rest[0], normalize=normalize, flatten=flatten)
     omega = nn.Sequential(*modules[relu_at + 1 :])
     return upsilon, omega
@@ -210,6 +228,18 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_method":
         return node.target in _RELU_METHODS
     return False
+
+
+def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether the ReLU ``node`` rectifies its argument in place."""
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    if node.op == "call_method":
+        return node.target == "relu_"
+    if node.target in (F.relu_, torch.relu_):
+        return True
+    inplace = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
+    return inplace is True
 
 
 def _only_input(node: fx.Node) -> fx.Node | None:
@@ -243,12 +273,12 @@ def _describe(node: fx.Node) -> str:
     return f"'{node.name}' ({node.op} {target})"
 
 
-def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
+def _split_traced(model: nn.Module, fn: str) -> tuple[Upsilon, nn.Module]:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:  # torch.fx raises many exception types while tracing
         raise MomentInputError(
-            f"model: not an nn.Sequential, and torch.fx cannot trace it to find the first "
+            f"{fn}: model: not an nn.Sequential, and torch.fx cannot trace it to find the first "
             f"ReLU ({type(exc).__name__}: {exc})"
         ) from exc
     modules = dict(model.named_modules())
@@ -256,12 +286,13 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
     placeholders = [n for n in nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         raise MomentInputError(
-            f"model: forward must take exactly one input tensor, it takes {len(placeholders)}"
+            f"{fn}: model: forward must take exactly one input tensor, it takes {len(placeholders)}"
         )
     relu = next((n for n in nodes if _is_relu(n, modules)), None)
     if relu is None:
         raise MomentInputError(
-            "model: no ReLU (nn.ReLU, F.relu, torch.relu or .relu()) found in the traced graph"
+            f"{fn}: model: no ReLU (nn.ReLU, F.relu, torch.relu or .relu()) found in the "
+            "traced graph"
         )
 
     # Walk the stem backwards from the ReLU: affine, then optional flatten and normalize.
@@ -273,16 +304,23 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
     ):
         found = _describe(pre) if isinstance(pre, fx.Node) else repr(pre)
         raise MomentInputError(
-            f"model: the first ReLU {_describe(relu)} is applied to {found}, not directly to "
+            f"{fn}: model: the first ReLU {_describe(relu)} is applied to {found}, not directly to "
             f"an nn.Linear or nn.Conv2d; the layers before the first ReLU must be {_STEM_FORM}"
         )
+    if _is_inplace(relu, modules):
+        # After an in-place ReLU the pre-activation's tensor holds the ReLU's output:
+        # later uses of it are uses of the ReLU (``h.relu_(); return fc2(h)``).
+        order = {n: i for i, n in enumerate(nodes)}
+        for user in list(pre.users):
+            if user is not relu and order[user] > order[relu]:
+                user.replace_input_with(pre, relu)
     chain = [pre]
     affine = modules[pre.target]
     flatten = normalize = None
     node = _only_input(pre)
     if node is not None and (flat := _flatten_call(node, modules)) is not None:
         if not _keeps_batch_dim(flat.start_dim):
-            raise _stem_error(f"{_describe(node)} with start_dim={flat.start_dim}")
+            raise _stem_error(f"{_describe(node)} with start_dim={flat.start_dim}", fn)
         flatten = flat
         chain.append(node)
         node = node.args[0]
@@ -296,7 +334,7 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
         node = _only_input(node)
     if node is not placeholders[0]:
         found = _describe(node) if node is not None else "a call with several arguments"
-        raise _stem_error(f"{found} between the input and {_describe(chain[-1])}")
+        raise _stem_error(f"{found} between the input and {_describe(chain[-1])}", fn)
     chain.append(node)
 
     # The input must reach Omega only through the ReLU: every stem node feeds only the
@@ -313,7 +351,7 @@ def _split_traced(model: nn.Module) -> tuple[Upsilon, nn.Module]:
                 what += f" {_describe(here)}"
             used = ", ".join(_describe(u) for u in others)
             raise MomentInputError(
-                f"model: {what} reaches the rest of the network other than through the "
+                f"{fn}: model: {what} reaches the rest of the network other than through the "
                 f"first ReLU: it is also used by {used} (a skip connection); the split "
                 "Phi(x) = Omega(ReLU(Upsilon(x))) does not exist"
             )

@@ -225,13 +225,13 @@ def test_loss_gradcheck_in_float64() -> None:
 
 def test_split_is_cached_and_refreshed(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = regularizer.split_at_first_relu
+    real = regularizer._split
 
-    def counting(model):
+    def counting(model, fn):
         calls.append(model)
-        return real(model)
+        return real(model, fn)
 
-    monkeypatch.setattr(regularizer, "split_at_first_relu", counting)
+    monkeypatch.setattr(regularizer, "_split", counting)
     model = conv_net()
     x = torch.rand(3, 3, 6, 6, dtype=torch.float64)
     for _ in range(3):

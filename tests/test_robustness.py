@@ -307,3 +307,43 @@ class SumAll(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum()
+
+
+def test_shuffled_loader_is_refused() -> None:
+    """Noise is tied to an image's position: a shuffled loader used to be scored
+    silently, and differently from the same images in order."""
+    model, x, _, _, _ = linear_problem(24)
+    data = TensorDataset(x, torch.zeros(24))
+    in_order = gaussian_robustness(model, DataLoader(data, batch_size=8), sigmas=[0.0, 0.5])
+    assert in_order.n_images == 24
+    shuffled = DataLoader(data, batch_size=8, shuffle=True)
+    with pytest.raises(MomentInputError, match="^gaussian_robustness: data .*RandomSampler"):
+        gaussian_robustness(model, shuffled, sigmas=[0.0, 0.5])
+    sampler = torch.utils.data.SubsetRandomSampler(range(24))
+    with pytest.raises(MomentInputError, match="SubsetRandomSampler"):
+        gaussian_robustness(model, DataLoader(data, batch_size=8, sampler=sampler))
+    batches = torch.utils.data.BatchSampler(sampler, batch_size=8, drop_last=False)
+    with pytest.raises(MomentInputError, match="SubsetRandomSampler"):
+        gaussian_robustness(model, DataLoader(data, batch_sampler=batches))
+
+
+def test_infinite_images_are_refused_and_empty_batches_skipped() -> None:
+    model, x, _, _, _ = linear_problem(6)
+    x_inf = x.clone()
+    x_inf[3, 1, 1] = float("inf")
+    with pytest.raises(MomentInputError, match="^gaussian_robustness: data contains inf"):
+        gaussian_robustness(model, x_inf)
+    sigmas = [0.0, 0.3, 0.6]
+    whole = gaussian_robustness(model, [x], sigmas=sigmas)
+    with_empty = gaussian_robustness(model, [x[:0], x[:2], x[2:2], x[2:]], sigmas=sigmas)
+    assert torch.equal(whole.per_image, with_empty.per_image)
+    with pytest.raises(MomentInputError, match="no images"):
+        gaussian_robustness(model, [x[:0]])
+
+
+def test_nan_model_output_is_refused() -> None:
+    model, x, _, _, _ = linear_problem(4)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(MomentInputError, match="^gaussian_robustness: model gives NaN"):
+        gaussian_robustness(model, x)

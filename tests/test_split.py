@@ -310,3 +310,54 @@ def test_variance_equals_squared_jacobian(model: nn.Module, shape: tuple) -> Non
     torch.testing.assert_close(
         upsilon.variance(var[:1]).flatten(1), expected[:1], rtol=16 * EPS64, atol=0.0
     )
+
+
+class _InPlaceReLU(nn.Module):
+    """``h = fc1(x)``, then an in-place ReLU on ``h``, then a later use of ``h``."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(5, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.form = form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.form == "method":
+            h.relu_()
+        elif self.form == "functional":
+            F.relu(h, inplace=True)
+        elif self.form == "torch":
+            torch.relu_(h)
+        else:
+            self.act(h)
+        return self.fc2(h) + h.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("form", ["method", "functional", "torch", "module"])
+def test_in_place_relu_followed_by_a_use_splits(form: str) -> None:
+    """``h.relu_(); fc2(h)``: ``h`` after the ReLU is the ReLU's output, not a skip
+    connection of the pre-activation (it used to be refused as one)."""
+    model = _InPlaceReLU(form)
+    upsilon, omega = split_at_first_relu(model)
+    x = torch.randn(6, 4)
+    assert upsilon.affine is model.fc1
+    assert torch.equal(omega(torch.relu(upsilon(x))), model(x))
+
+
+def test_use_of_the_pre_activation_before_an_in_place_relu_is_a_skip() -> None:
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = nn.Linear(4, 5)
+            self.fc2 = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc1(x)
+            before = h * 2.0
+            h.relu_()
+            return self.fc2(h + before)
+
+    with pytest.raises(MomentInputError, match="skip connection"):
+        split_at_first_relu(Skip())

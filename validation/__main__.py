@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from validation.reporting import RunConfig, SuiteReport, write_report
+from validation.reporting import SuiteConfig, SuiteReport, write_report
 
-SuiteRunner = Callable[[RunConfig], SuiteReport]
+SuiteRunner = Callable[[SuiteConfig], SuiteReport]
 
 
 def suite_runner(name: str) -> SuiteRunner:
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, AssertionError) as exc:
         print(f"--device {args.device!r} is not usable here: {exc}", file=sys.stderr)
         return 2
-    cfg = RunConfig(
+    cfg = SuiteConfig(
         out_dir=args.out,
         quick=args.quick,
         device=args.device,

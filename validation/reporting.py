@@ -9,7 +9,6 @@ the package version and the seed; read it with ``pandas.read_csv(path, comment="
 from __future__ import annotations
 
 import csv
-import importlib.metadata
 import platform
 import sys
 import time
@@ -21,19 +20,13 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
+from experiments.rundir import package_version
+
 T = TypeVar("T")
 
 
-def package_version() -> str:
-    """``momentkit.__version__``, or the installed distribution's version."""
-    import momentkit
-
-    version = getattr(momentkit, "__version__", None)
-    return str(version) if version else importlib.metadata.version("momentkit")
-
-
 @dataclass(frozen=True)
-class RunConfig:
+class SuiteConfig:
     """What every suite receives from the command line."""
 
     out_dir: Path
@@ -62,7 +55,7 @@ class SuiteReport:
 
 
 def progress(
-    items: Iterable[T], cfg: RunConfig, desc: str, total: int | None = None
+    items: Iterable[T], cfg: SuiteConfig, desc: str, total: int | None = None
 ) -> Iterator[T]:
     """A tqdm progress bar on stderr (off with ``cfg.progress = False``)."""
     return iter(
@@ -78,7 +71,7 @@ def progress(
     )
 
 
-def header(cfg: RunConfig, suite: str, config: dict[str, Any]) -> dict[str, Any]:
+def header(cfg: SuiteConfig, suite: str, config: dict[str, Any]) -> dict[str, Any]:
     run = {k: str(v) for k, v in asdict(cfg).items() if k != "progress"}
     return {
         "suite": suite,
@@ -91,7 +84,7 @@ def header(cfg: RunConfig, suite: str, config: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def write_report(cfg: RunConfig, report: SuiteReport) -> SuiteReport:
+def write_report(cfg: SuiteConfig, report: SuiteReport) -> SuiteReport:
     """Write ``<name>.csv``, ``<name>.png`` and ``<name>.md`` into ``cfg.out_dir``."""
     import matplotlib.pyplot as plt
 

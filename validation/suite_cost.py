@@ -35,7 +35,7 @@ from momentkit.references.montecarlo import monte_carlo_affine_relu_affine, mont
 from momentkit.regularizer import expected_prediction
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
 from validation.networks import lenet_shaped
-from validation.reporting import RunConfig, SuiteReport, markdown_table, progress
+from validation.reporting import SuiteConfig, SuiteReport, markdown_table, progress
 
 NAME = "cost"
 TARGET = 1e-3
@@ -125,7 +125,7 @@ def measure(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> tup
     return best, int(used), result
 
 
-def _shallow_rows(cfg: RunConfig, g: dict, bar) -> list[dict]:
+def _shallow_rows(cfg: SuiteConfig, g: dict, bar) -> list[dict]:
     dev = cfg.torch_device
     f64 = torch.float64
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -187,7 +187,7 @@ def _shallow_rows(cfg: RunConfig, g: dict, bar) -> list[dict]:
     return rows
 
 
-def _lenet_rows(cfg: RunConfig, g: dict, bar) -> list[dict]:
+def _lenet_rows(cfg: SuiteConfig, g: dict, bar) -> list[dict]:
     dev = cfg.torch_device
     torch.manual_seed(cfg.seed)
     model = lenet_shaped(g["lenet_width"]).to(dev).eval()
@@ -231,7 +231,7 @@ def _lenet_rows(cfg: RunConfig, g: dict, bar) -> list[dict]:
     return rows
 
 
-def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
+def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
     """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
     g = {**grid(cfg.quick), **(overrides or {})}

@@ -22,7 +22,7 @@ from scipy.stats import norm
 
 from momentkit.references.montecarlo import monte_carlo_affine_relu_affine
 from momentkit.relu import relu_covariance, relu_covariance_zero_mean
-from validation.reporting import RunConfig, SuiteReport, markdown_table, progress
+from validation.reporting import SuiteConfig, SuiteReport, markdown_table, progress
 
 NAME = "covariance"
 
@@ -35,7 +35,7 @@ def grid(quick: bool) -> dict[str, object]:
     return {"means": means, "rhos": [-1.0, *rhos, 1.0], "n_samples": 1_000_000}
 
 
-def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
+def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
     """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
     g = {**grid(cfg.quick), **(overrides or {})}

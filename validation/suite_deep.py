@@ -36,7 +36,7 @@ from momentkit.references.linearization import two_stage_linearization
 from momentkit.references.montecarlo import monte_carlo_moments
 from momentkit.regularizer import expected_prediction
 from validation.networks import ImageData, lenet_shaped, load_mnist_subset, mlp, train_quickly
-from validation.reporting import RunConfig, SuiteReport, markdown_table, progress
+from validation.reporting import SuiteConfig, SuiteReport, markdown_table, progress
 
 NAME = "deep"
 #: Relative floor of the comparison: float64 rounding of the forward passes.
@@ -89,7 +89,7 @@ def _rel(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (est - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
 
 
-def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
+def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
     """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
     g = {**grid(cfg.quick), **(overrides or {})}

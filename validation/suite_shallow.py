@@ -24,7 +24,7 @@ from scipy.stats import norm
 
 from momentkit.references.montecarlo import monte_carlo_affine_relu_affine
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
-from validation.reporting import RunConfig, SuiteReport, markdown_table, progress
+from validation.reporting import SuiteConfig, SuiteReport, markdown_table, progress
 
 NAME = "shallow"
 
@@ -80,7 +80,7 @@ def random_input(
     return mean, 0.5 * (cov + cov.transpose(-1, -2))
 
 
-def run(cfg: RunConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
+def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
     """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
     g = {**grid(cfg.quick), **(overrides or {})}

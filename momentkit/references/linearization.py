@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from torch.func import jacfwd, jacrev, vmap
 
+from momentkit._validate import check_count, check_finite
 from momentkit.affine import Normalize
 from momentkit.errors import MomentInputError
-from momentkit.regularizer import SigmaLike, input_variance
+from momentkit.regularizer import SigmaLike, _input_variance
 from momentkit.relu import relu_mean
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
 
@@ -91,13 +92,14 @@ def _leaves(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
     if type(module) not in SUPPORTED_LAYERS:
         names = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
         raise MomentInputError(
-            f"model: cannot linearize layer {prefix or '<model>'} of type "
+            f"two_stage_linearization: model: cannot linearize layer {prefix or '<model>'} of type "
             f"{type(module).__name__}; two_stage_linearization takes an nn.Sequential "
             f"(nesting allowed) of {names}"
         )
     if isinstance(module, nn.Dropout) and module.training:
         raise MomentInputError(
-            f"model: layer {prefix} is a Dropout in training mode (random); call model.eval()"
+            f"two_stage_linearization: model: layer {prefix} is a Dropout in training mode "
+            "(random); call model.eval()"
         )
     yield prefix, module
 
@@ -147,17 +149,19 @@ def two_stage_linearization(
             Sequential, ``relu_index`` out of range, bad ``x`` or ``sigma``, or a
             covariance larger than :data:`MAX_COV_ELEMENTS` with ``compute_cov``.
     """
+    fn = "two_stage_linearization"
     if not isinstance(model, nn.Module):
-        raise MomentInputError(f"model: expected an nn.Module, got {type(model).__name__}")
+        raise MomentInputError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
     layers = list(_leaves(model, ""))
     relus = [i for i, (_, m) in enumerate(layers) if isinstance(m, nn.ReLU)]
-    if isinstance(relu_index, bool) or not isinstance(relu_index, int):
-        raise MomentInputError(f"relu_index: expected an integer, got {relu_index!r}")
-    if not 0 <= relu_index < len(relus):
+    relu_index = check_count(relu_index, "relu_index", fn, minimum=0)
+    if relu_index >= len(relus):
         raise MomentInputError(
-            f"relu_index: {relu_index} is out of range; the model has {len(relus)} ReLU layers"
+            f"{fn}: relu_index {relu_index} is out of range; the model has {len(relus)} "
+            "ReLU layers"
         )
-    var_in = input_variance(sigma, x).expand_as(x).reshape(x.shape[0], -1)
+    var_in = _input_variance(sigma, x, fn).expand_as(x).reshape(x.shape[0], -1)
+    check_finite(x, "x", fn)
     cut = relus[relu_index]
     pre = nn.Sequential(*(m for _, m in layers[:cut]))
     rest = nn.Sequential(*(m for _, m in layers[cut + 1 :]))
@@ -198,8 +202,9 @@ def _linearize(
     if compute_cov:
         if N * p * p > MAX_COV_ELEMENTS:
             raise MomentInputError(
-                f"compute_cov: the pre-activation covariance would hold {N} x {p} x {p} "
-                f"values (limit {MAX_COV_ELEMENTS}); pass compute_cov=False for the mean only"
+                f"two_stage_linearization: compute_cov: the pre-activation covariance would "
+                f"hold {N} x {p} x {p} values (limit {MAX_COV_ELEMENTS}); pass "
+                "compute_cov=False for the mean only"
             )
         cov = torch.stack(
             [

@@ -27,7 +27,7 @@ from experiments.training import (
 # Small enough for CI, large enough to clearly beat chance (0.1) after one epoch.
 SHORT = dict(dataset="mnist", model="lenet", epochs=1, train_subset=600, batch_size=20,
              lr=1e-3, test_subset=200, eval_sigmas=4)
-METHODS = {
+METHOD_PARAMS = {
     "baseline": {},
     "moment": dict(sigma=0.5, alpha=1.0),
     "augment": dict(sigma=0.5, folds=2),
@@ -38,14 +38,14 @@ METHODS = {
 def short_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("runs")
     runs = {}
-    for method, extra in METHODS.items():
+    for method, extra in METHOD_PARAMS.items():
         config = RunConfig(method=method, **SHORT, **extra)
         runs[method] = (config, out / method,
                         run_training(config, out / method, data_root=mnist_root, progress=False))
     return runs
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(METHOD_PARAMS))
 def test_short_run_learns_and_writes_results(short_runs: dict, method: str) -> None:
     config, out, results = short_runs[method]
     assert results["test_accuracy"] > 0.5

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from validation import suite_cost
-from validation.reporting import RunConfig
+from validation.reporting import SuiteConfig
 
 
 def test_tiny_run_reports_every_estimator(tmp_path: Path):
-    cfg = RunConfig(out_dir=tmp_path, quick=True, progress=False)
+    cfg = SuiteConfig(out_dir=tmp_path, quick=True, progress=False)
     tiny = {
         "n": 20,
         "p": 16,

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from validation import suite_covariance
-from validation.reporting import RunConfig
+from validation.reporting import SuiteConfig
 
 
 def test_exact_passes_and_zero_mean_fails_away_from_zero(tmp_path: Path):
-    cfg = RunConfig(out_dir=tmp_path, quick=True, progress=False)
+    cfg = SuiteConfig(out_dir=tmp_path, quick=True, progress=False)
     report = suite_covariance.run(
         cfg, {"means": [0.0, 1.5], "rhos": [-0.5, 0.5, 0.99], "n_samples": 40_000}
     )

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from validation import suite_deep
-from validation.reporting import RunConfig
+from validation.reporting import SuiteConfig
 
 
 def test_tiny_run_on_synthetic_data(tmp_path: Path):
-    cfg = RunConfig(out_dir=tmp_path, quick=True, seed=1, data_root=None, progress=False)
+    cfg = SuiteConfig(out_dir=tmp_path, quick=True, seed=1, data_root=None, progress=False)
     tiny = {
         "sigmas": [1e-2, 1.0],
         "mlp_depths": [1, 2],
@@ -35,7 +35,7 @@ def test_tiny_run_on_synthetic_data(tmp_path: Path):
 
 
 def test_same_seed_same_rows(tmp_path: Path):
-    cfg = RunConfig(out_dir=tmp_path, quick=True, seed=2, data_root=None, progress=False)
+    cfg = SuiteConfig(out_dir=tmp_path, quick=True, seed=2, data_root=None, progress=False)
     tiny = {
         "sigmas": [0.1],
         "mlp_depths": [2],

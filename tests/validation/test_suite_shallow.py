@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from validation import suite_shallow
-from validation.reporting import RunConfig, write_report
+from validation.reporting import SuiteConfig, write_report
 
 
 def test_tiny_grid_passes_and_writes_outputs(tmp_path: Path):
-    cfg = RunConfig(out_dir=tmp_path, quick=True, seed=3, progress=False)
+    cfg = SuiteConfig(out_dir=tmp_path, quick=True, seed=3, progress=False)
     tiny = {
         "n": [3],
         "p": [6],
