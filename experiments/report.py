@@ -976,7 +976,9 @@ def add_report_parser(subparsers: Any) -> None:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--device", default="cpu", help="unused: the report needs no accelerator")
+    from experiments.cli import add_runtime_args
+
+    add_runtime_args(p, device=False, data_root=False)
     p.set_defaults(func=_cmd_report)
 
 
