@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import rundir
-from experiments.cli import add_runtime_args, check_device
+from experiments.cli import UsageError, add_runtime_args, check_device
 from experiments.config import RunConfig
 from experiments.training import run_training
 
@@ -184,12 +184,14 @@ def run_demo(
     a terminal and a few lines per epoch elsewhere (:class:`experiments.cli.Progress`).
 
     Raises:
-        ValueError: ``device`` is not usable here (checked before anything is written).
+        ValueError: ``device`` is not usable here, or ``out_dir`` is a file (checked
+            before anything is written).
         experiments.training.RunDiverged: a run diverged.
     """
     check_device(device, "device")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out: {str(out_dir)!r} exists and is not a folder")
     settings = QUICK if quick else FULL
     start = time.perf_counter()
     runs = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import rundir
-from experiments.cli import add_runtime_args, check_device
+from experiments.cli import UsageError, add_runtime_args, check_device
 from experiments.data import resolve_data_root
 from experiments.grids import Grid, list_presets, load_grid, write_manifest
 from experiments.locks import RUN_STATES
@@ -101,6 +101,10 @@ def _cmd_run(args: Any) -> int:
     device = args.device or ("cuda" if args.gpus_per_run > 0 else "cpu")
     if args.executor == "local":  # Ray workers may have devices this machine lacks
         check_device(device)
+    if args.workers < 1:
+        raise UsageError(f"--workers: must be at least 1, got {args.workers}")
+    if results.exists() and not results.is_dir():
+        raise UsageError(f"--results-dir: {str(results)!r} exists and is not a folder")
     write_manifest(grid, results)
     data_root = str(resolve_data_root(args.data_root).resolve())
     common = dict(data_root=data_root, device=device, stale_after_s=args.stale_after,

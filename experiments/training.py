@@ -332,9 +332,9 @@ def run_training(
     checkpoint = resumable_checkpoint(config, out_dir / rundir.CHECKPOINT_FILE)
     device = check_device(str(device), "device")
     data = prepare_data(config, data_root, device, progress=progress)
+    board = _TensorBoard(out_dir / "tensorboard" if tensorboard else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = TrainingState.start(config, device, checkpoint)
-    board = _TensorBoard(out_dir / "tensorboard" if tensorboard else None)
     log = Progress(None, config.method, enabled=progress)
     # The global CPU generator is forked: seeded from the config on a fresh run, restored
     # from the checkpoint on a resumed one, and the caller's state is left as it was.

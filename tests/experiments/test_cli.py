@@ -139,6 +139,37 @@ def test_out_pointing_at_a_file_is_one_line_and_leaves_it(
     assert out.read_text() == "mine"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["demo", "--quick"], ["grid", "run", "tiny", "--no-progress"]],
+)
+def test_other_commands_refuse_a_file_as_output_folder(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "file"
+    out.write_text("mine")
+    flag = "--out" if command[0] == "demo" else "--results-dir"
+    assert main([*command, flag, str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {flag}: {str(out)!r} exists and is not a folder\n"
+    assert out.read_text() == "mine"
+
+
+def test_demo_without_data_leaves_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--data-root", str(tmp_path / "no")]) == 2
+    assert capsys.readouterr().err.startswith("error: mnist: data set not found")
+    assert not out.exists()
+
+
+def test_grid_run_with_zero_workers_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    results = tmp_path / "r"
+    assert main(["grid", "run", "tiny", "--workers", "0", "--results-dir", str(results)]) == 2
+    assert capsys.readouterr().err == "error: --workers: must be at least 1, got 0\n"
+    assert not results.exists()
+
+
 def test_a_subset_too_large_names_the_flag(
     mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

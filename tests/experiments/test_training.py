@@ -180,9 +180,11 @@ def test_checkpoint_without_training_state_is_rejected(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None,
                     reason="tensorboard is installed; the missing-package error cannot occur")
-def test_tensorboard_missing_is_a_clear_error(tmp_path: Path) -> None:
+def test_tensorboard_missing_is_a_clear_error(mnist_root: Path, tmp_path: Path) -> None:
     with pytest.raises(ImportError, match="pip install 'momentkit\\[tensorboard\\]'"):
-        run_training(RunConfig(epochs=1, **TINY), tmp_path, progress=False, tensorboard=True)
+        run_training(RunConfig(epochs=1, **TINY), tmp_path / "run", data_root=mnist_root,
+                     progress=False, tensorboard=True)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
