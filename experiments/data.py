@@ -49,16 +49,7 @@ CACHE_FORMAT = 1
 """Bumped whenever the layout of a cache file changes, so old caches are ignored."""
 
 CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 
 

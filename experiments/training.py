@@ -75,6 +75,7 @@ from experiments.evaluation import (
 from experiments.models import make_model
 from experiments.rundata import TEST_SUBSET_SEED, RunData, prepare_data, prepare_test_data
 from experiments.trainstate import EarlyStopping, TrainingState, make_optimizer
+from momentkit.errors import MomentInputError
 
 __all__ = [
     "RESULT_KEYS", "TEST_SUBSET_SEED", "CheckpointError", "EarlyStopping", "RunData",
@@ -140,7 +141,9 @@ def train_one_epoch(
     """One pass of ``config``'s method over ``train``; advances ``state.epoch`` and steps.
 
     Returns ``{"train_loss"}`` (the mean batch loss weighted by batch size) and, for
-    ``moment``, ``"train_moment_loss"``; either may be NaN or infinite if training diverged.
+    ``moment``, ``"train_moment_loss"``; either may be NaN or infinite if training diverged
+    (``train_loss`` is NaN, and the epoch ends early, when the regularizer's moments
+    cannot be computed because the parameters or the logits are no longer finite).
     """
     preset = config.preset()
     state.epoch += 1
@@ -157,7 +160,14 @@ def train_one_epoch(
                   enabled=progress, unit="batch") as bar:
         for x, y in batches:
             optimizer.zero_grad(set_to_none=True)
-            loss, moment_term = _batch_loss(model, config, x, y)
+            try:
+                loss, moment_term = _batch_loss(model, config, x, y)
+            except MomentInputError:
+                # the regularizer refuses moments that overflowed because the weights did:
+                # a divergence (NaN loss) when the plain forward pass overflows as well
+                if _finite_parameters(model) and _finite_logits(model, x):
+                    raise
+                return {"train_loss": math.nan}
             loss.backward()
             optimizer.step()
             state.steps += 1
@@ -185,11 +195,20 @@ def validate(model: nn.Module, val: ImageSet) -> tuple[float, float]:
     return float(loss_sum) / len(val), correct / len(val)
 
 
+def _finite_parameters(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@torch.no_grad()
+def _finite_logits(model: nn.Module, x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(model(x)).all())
+
+
 def check_finite(model: nn.Module, train_loss: float, val_loss: float | None) -> str | None:
     """What is not finite after an epoch ("loss nan", "non-finite parameters", ...), or None."""
     if not math.isfinite(train_loss):
         return f"loss {train_loss:g}"
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if not _finite_parameters(model):
         return f"loss {train_loss:g}, non-finite parameters"
     if val_loss is not None and not math.isfinite(val_loss):
         return f"loss {train_loss:g}, validation loss {val_loss:g}"
@@ -369,9 +388,8 @@ def _one_epoch(state: TrainingState, config: RunConfig, data: RunData, out_dir: 
     epoch_start = time.perf_counter()
     lr = state.optimizer.param_groups[0]["lr"]
     losses = train_one_epoch(state, config, data.train, progress=progress)
-    problem = check_finite(state.model, losses["train_loss"], None)
-    val_loss, val_acc = (math.nan, math.nan) if problem else validate(state.model, data.val)
-    problem = problem or check_finite(state.model, losses["train_loss"], val_loss)
+    val_loss, val_acc = validate(state.model, data.val)
+    problem = check_finite(state.model, losses["train_loss"], val_loss)
     if problem is not None:
         raise _diverged(out_dir, state.epoch, problem)
     state.scheduler.step(val_loss)

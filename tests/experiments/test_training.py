@@ -212,10 +212,19 @@ def test_alexnet_on_a_tiny_cifar10_tree_runs_end_to_end(data_root: Path, tmp_pat
 # ------------------------------------------------------------------------ divergence
 
 
-def test_nan_from_the_first_epoch_stops_the_run(mnist_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "method",
+    ["baseline", pytest.param("moment", marks=pytest.mark.slow),
+     pytest.param("augment", marks=pytest.mark.slow)],
+)
+def test_nan_from_the_first_epoch_stops_the_run(
+    mnist_root: Path, tmp_path: Path, method: str
+) -> None:
     """The reported case (lr 1e30): every loss is NaN. Before, the run finished with
-    accuracy 0.08, robustness 1.0 and NaN tokens in results.json."""
-    config = RunConfig(epochs=3, **{**TINY, "lr": 1e30, "train_subset": 100, "batch_size": 50})
+    accuracy 0.08, robustness 1.0 and NaN tokens in results.json; with the regularizer it
+    ended in "relu_mean: var contains inf", an input error, exit 2."""
+    config = RunConfig(epochs=3, **{**TINY, "lr": 1e30, "train_subset": 100, "batch_size": 50,
+                                    "method": method, **METHODS[method]})
     with pytest.raises(RunDiverged, match=r"^run diverged at epoch 1 \(loss nan\)"):
         run_training(config, tmp_path, data_root=mnist_root, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.ERROR_FILE]
