@@ -63,9 +63,12 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tensorboard=args.tensorboard,
     )
+    flag = results.get("degenerate_predictions") or {}
+    degenerate = (f" [degenerate: {flag['top_class_fraction']:.0%} of predictions one class]"
+                  if flag.get("flagged") else "")
     print(
         f"run {results['run_id']} ({out}): test accuracy {results['test_accuracy']:.4f}, "
-        f"robustness {format_robustness(results)}, {results['epochs_run']} epochs "
+        f"robustness {format_robustness(results)}{degenerate}, {results['epochs_run']} epochs "
         f"(best {results['best_epoch']}), train time {results['train_time_s']:.1f}s"
     )
     return 0

@@ -15,6 +15,7 @@ import torch
 
 from experiments import rundir
 from experiments.__main__ import main
+from experiments.cli import Progress, progress
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -192,3 +193,28 @@ def test_a_diverged_train_exits_1_with_one_line(
     assert err.count("\n") == 1
     assert rundir.read_error(out)["kind"] == "diverged"
     assert not (out / "results.json").exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("total", "lines"), [(1000, 4), (9, 4), (3, 3), (1, 1)])
+def test_progress_in_a_log_is_a_few_plain_lines(total: int, lines: int) -> None:
+    log = io.StringIO()
+    assert list(progress(range(total), "epoch 1/2", total, stream=log)) == list(range(total))
+    out = log.getvalue().splitlines()
+    assert len(out) == lines and out[-1].startswith(f"epoch 1/2: {total}/{total} it (")
+    assert "\r" not in log.getvalue()
+
+
+def test_progress_in_a_terminal_is_a_bar_and_can_be_silenced() -> None:
+    term = _Terminal()
+    list(progress(range(50), "epoch", 50, stream=term))
+    assert term.getvalue().startswith("\repoch:   0%")  # a tqdm bar, redrawn in place
+    quiet = _Terminal()
+    with Progress(5, "grid", enabled=False, stream=quiet) as bar:
+        bar.update(5)
+        bar.write("run x failed")
+    assert quiet.getvalue() == ""

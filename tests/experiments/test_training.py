@@ -26,7 +26,7 @@ from experiments.trainstate import EarlyStopping
 # Small enough for CI, large enough to clearly beat chance (0.1) after one epoch.
 SHORT = dict(dataset="mnist", model="lenet", epochs=1, train_subset=600, batch_size=20,
              lr=1e-3, test_subset=200, eval_sigmas=4)
-METHODS = {
+METHOD_PARAMS = {
     "baseline": {},
     "moment": dict(sigma=0.5, alpha=1.0),
     "augment": dict(sigma=0.5, folds=2),
@@ -37,7 +37,7 @@ METHODS = {
 def short_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("runs")
     runs = {}
-    for method, extra in METHODS.items():
+    for method, extra in METHOD_PARAMS.items():
         config = RunConfig(method=method, **SHORT, **extra)
         runs[method] = (config, out / method,
                         run_training(config, out / method, data_root=mnist_root, progress=False))
@@ -45,7 +45,7 @@ def short_runs(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", list(METHOD_PARAMS))
 def test_short_run_learns_and_writes_results(short_runs: dict, method: str) -> None:
     config, out, results = short_runs[method]
     assert results["test_accuracy"] > 0.5
@@ -224,7 +224,7 @@ def test_nan_from_the_first_epoch_stops_the_run(
     accuracy 0.08, robustness 1.0 and NaN tokens in results.json; with the regularizer it
     ended in "relu_mean: var contains inf", an input error, exit 2."""
     config = RunConfig(epochs=3, **{**TINY, "lr": 1e30, "train_subset": 100, "batch_size": 50,
-                                    "method": method, **METHODS[method]})
+                                    "method": method, **METHOD_PARAMS[method]})
     with pytest.raises(RunDiverged, match=r"^run diverged at epoch 1 \(loss nan\)"):
         run_training(config, tmp_path, data_root=mnist_root, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [rundir.ERROR_FILE]
