@@ -24,6 +24,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,11 @@ def record_error(
     first). Returns the written dict.
 
     Raises:
-        ValueError: ``kind`` is not one of :data:`ERROR_KINDS`.
+        ValueError: ``kind`` is not one of :data:`ERROR_KINDS`, or ``extra`` holds a NaN
+            or an infinity (strict JSON); nothing is written then.
     """
     if kind not in ERROR_KINDS:
         raise ValueError(f"kind: expected one of {ERROR_KINDS}, got {kind!r}")
-    from datetime import UTC, datetime
-
     rdir = Path(rdir)
     previous = read_error(rdir) or {}
     attempts = previous.get("attempts")
@@ -153,9 +153,9 @@ def record_error(
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
         **extra,
     }
+    write_json_atomic(rdir / ERROR_FILE, record)  # first: a NaN in extra writes nothing
     if traceback_text is not None:
         write_text_atomic(rdir / TRACEBACK_FILE, traceback_text)
-    write_json_atomic(rdir / ERROR_FILE, record)
     return record
 
 

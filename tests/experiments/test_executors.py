@@ -135,6 +135,23 @@ def test_a_diverged_run_is_failed_not_done(mnist_root: Path, tmp_path: Path) -> 
     assert rundir.read_error(rdir)["attempts"] == 2
 
 
+def test_error_records_count_attempts_and_are_strict_json(tmp_path: Path) -> None:
+    first = rundir.record_error(tmp_path, "boom", "exception", traceback_text="tb")
+    assert (first["attempts"], first["kind"], first["epoch"]) == (1, "exception", None)
+    second = rundir.record_error(tmp_path, "nan loss", "diverged", 4, loss="nan")
+    assert rundir.read_error(tmp_path) == second
+    assert (second["attempts"], second["epoch"], second["loss"]) == (2, 4, "nan")
+    assert (tmp_path / rundir.TRACEBACK_FILE).read_text() == "tb"
+    with pytest.raises(ValueError, match="kind"):
+        rundir.record_error(tmp_path, "x", "other")
+    with pytest.raises(ValueError):  # strict JSON: NaN is refused, nothing is written
+        rundir.record_error(tmp_path, "x", "diverged", 5, loss=float("nan"))
+    assert rundir.read_error(tmp_path) == second
+    rundir.clear_error(tmp_path)
+    assert rundir.read_error(tmp_path) is None
+    assert not (tmp_path / rundir.TRACEBACK_FILE).exists()
+
+
 def test_grid_progress_in_a_log_is_one_line_per_run(tmp_path: Path) -> None:
     err = io.StringIO()  # not a terminal: plain lines instead of bar refreshes
     sys_err, sys.stderr = sys.stderr, err
