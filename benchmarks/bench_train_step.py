@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None,
-                   help="data root holding MNIST/raw (default: $MOMENTKIT_DATA)")
+                   help="data root holding MNIST/raw (default: $MOMENTKIT_DATA, else ./data)")
     p.add_argument("--synthetic", action="store_true",
                    help="uniform random images instead of MNIST (changes the cost of the "
                         "rectified-Gaussian mean, which depends on the data)")
@@ -313,7 +313,7 @@ def profile_moment_step(args: argparse.Namespace, train: ImageSet, device: torch
 
 
 def machine_info(device: torch.device) -> dict:
-    from experiments.training import package_version
+    from experiments.rundir import package_version
 
     info = {
         "momentkit_version": package_version(),

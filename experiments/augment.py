@@ -5,7 +5,8 @@ of every image: copy ``c`` of image ``i`` is ``x_i + sigma * z(seed, i, c)`` for
 ``c = 1 .. N~-1`` and ``x_i`` itself for ``c = 0``. The noisy copies are never
 materialized: an epoch visits the ``N~ * n`` pairs ``(i, c)`` in a shuffled order and
 draws ``z(seed, i, c)`` when the pair's batch is formed. Noisy images are not clipped
-to [0, 1] (DESIGN.md, "Noise lives in pixel space").
+to [0, 1]: ``sigma`` is a standard deviation in pixel units (images in [0, 1]), as
+in the paper, and the noise is added before the model's normalization.
 
 The noise is a pure function of ``(seed, i, c, pixel)``, so every image and every
 copy gets its own pattern, and the same pattern again in every epoch, whatever batch

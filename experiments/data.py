@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,22 +41,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from experiments.cli import progress as show_progress
+from experiments.rundir import write_atomic
 
 CACHE_FORMAT = 1
 """Bumped whenever the layout of a cache file changes, so old caches are ignored."""
 
 CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
 
 
@@ -111,7 +103,11 @@ def _resolve(given: str | os.PathLike[str] | None, env_var: str, default: Path) 
 
 
 def resolve_data_root(data_root: str | os.PathLike[str] | None = None) -> Path:
-    """The data root: ``data_root`` if given, else ``$MOMENTKIT_DATA``, else ``./data``."""
+    """The data root every entry point uses (``python -m experiments``, ``python -m
+    validation``, the benchmarks, the tests): ``data_root`` (the ``--data-root`` flag) if
+    given, else the ``MOMENTKIT_DATA`` environment variable if set and not empty, else
+    ``./data`` (relative to the working directory). ``~`` is expanded; the folder need
+    not exist (loading a data set then raises :class:`DatasetNotFoundError`)."""
     return _resolve(data_root, "MOMENTKIT_DATA", Path("data"))
 
 
@@ -216,12 +212,19 @@ def train_val_split(
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def subset_indices(n: int, k: int | None, seed: int) -> torch.Tensor:
-    """``k`` distinct indices of ``range(n)`` drawn with ``seed``, sorted (all if ``k`` is None)."""
-    if k is None or k >= n:
+def subset_indices(n: int, k: int | None, seed: int, name: str = "subset size") -> torch.Tensor:
+    """``k`` distinct indices of ``range(n)`` drawn with ``seed``, sorted (all if ``k`` is None).
+
+    Raises:
+        ValueError: ``k`` below 1 or above ``n`` (never silently clamped); the message
+            starts with ``name`` and gives the requested and the available size.
+    """
+    if k is not None and k < 1:
+        raise ValueError(f"{name}: must be positive, got {k}")
+    if k is not None and k > n:
+        raise ValueError(f"{name}: {k} images requested, but only {n} are available")
+    if k is None or k == n:
         return torch.arange(n)
-    if k < 1:
-        raise ValueError(f"subset size: must be positive, got {k}")
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator)[:k].sort().values
 
@@ -258,18 +261,6 @@ def _cache_path(cache_dir: Path, label: str, source: Path, files: list[Path]) ->
     return cache_dir / f"{label}-{digest}.pt"
 
 
-def _save_atomic(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cached(
     label: str,
     source: Path,
@@ -289,7 +280,8 @@ def _cached(
             warnings.warn(f"ignoring unreadable cache file {path}: {exc}", stacklevel=3)
     data = decode()
     try:
-        _save_atomic({"images": data.images, "labels": data.labels}, path)
+        blob = {"images": data.images, "labels": data.labels}
+        write_atomic(path, lambda handle: torch.save(blob, handle))
     except OSError as exc:
         warnings.warn(f"could not write cache file {path}: {exc}", stacklevel=3)
     return data
@@ -341,8 +333,8 @@ def load_image_folder(
     def decode() -> ImageSet:
         images = [
             decode_image_file(path)
-            for path, _ in tqdm(
-                items, desc=f"decoding {root.name}", disable=not progress, leave=False
+            for path, _ in show_progress(
+                items, f"decoding {root.name}", enabled=progress, unit="image"
             )
         ]
         shapes = {tuple(img.shape) for img in images}

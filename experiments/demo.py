@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.cli import add_runtime_args
+from experiments import rundir
+from experiments.cli import UsageError, add_runtime_args, check_device
 from experiments.config import RunConfig
-from experiments.training import package_version, run_training, write_json_atomic
+from experiments.training import run_training
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,7 @@ def _write_csv(path: Path, header: dict[str, Any], rows: list[dict[str, Any]]) -
     writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(buffer.getvalue())
+    rundir.write_text_atomic(path, buffer.getvalue())
 
 
 def plot_curves(path: Path, runs: dict[str, dict[str, Any]]) -> None:
@@ -179,10 +180,18 @@ def run_demo(
 ) -> list[dict[str, Any]]:
     """Train and evaluate the three demo runs into ``out_dir``; write table and plot.
 
-    Returns the table rows (see :data:`COLUMNS`).
+    Returns the table rows (see :data:`COLUMNS`). ``progress`` prints a bar per epoch in
+    a terminal and a few lines per epoch elsewhere (:class:`experiments.cli.Progress`).
+
+    Raises:
+        ValueError: ``device`` is not usable here, or ``out_dir`` is a file (checked
+            before anything is written).
+        experiments.training.RunDiverged: a run diverged.
     """
+    check_device(device, "device")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out: {str(out_dir)!r} exists and is not a folder")
     settings = QUICK if quick else FULL
     start = time.perf_counter()
     runs = {}
@@ -194,14 +203,14 @@ def run_demo(
         )
     rows = [_row(method, results) for method, results in runs.items()]
     header = {
-        "momentkit_version": package_version(),
+        "momentkit_version": rundir.package_version(),
         "settings": dataclasses.asdict(settings),
         "quick": quick,
         "seed": seed,
         "device": device,
         "wall_time_s": time.perf_counter() - start,
     }
-    write_json_atomic(out_dir / "demo_table.json", {**header, "rows": rows})
+    rundir.write_json_atomic(out_dir / "demo_table.json", {**header, "rows": rows})
     _write_csv(out_dir / "demo_table.csv", header, rows)
     plot_curves(out_dir / "demo_robustness.png", runs)
     print(format_table(rows))

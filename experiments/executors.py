@@ -1,270 +1,58 @@
 """Run the configs of a grid, resumably, on one machine or a Ray cluster.
 
-Layout of a results directory (shared storage when several machines write to it)::
+:func:`run_one` claims a run folder (:func:`experiments.locks.claim_run`), trains it and
+records the outcome; :func:`run_local` runs every unfinished config in this process or a
+process pool, :func:`run_ray` as Ray tasks. The results directory's layout and the run
+states are described in :mod:`experiments.locks`, a run folder's files in
+:mod:`experiments.rundir`.
 
-    RESULTS_DIR/
-      grids/<grid name>.json       manifest: the grid's configs and matched-compute pairs
-      runs/<run_id>/               one folder per RunConfig.run_id()
-        config.json                the full config (written when a worker first claims the run)
-        lock.json                  present while a worker trains it: pid, host, start, token
-        checkpoint.pt              written by run_training after every epoch (resume point)
-        results.json, per_image.npz   written atomically by run_training when it finishes
-        error.json, traceback.txt  the last failure, removed when a retry succeeds
-
-State of a run: ``done`` (complete results.json and per_image.npz), ``running`` (a live lock),
-``failed`` (error.json and no results), otherwise ``pending`` (a stale lock counts as pending).
-
-**Claiming.** A worker claims a run by hard-linking a fully written temporary file to
-``lock.json`` (``os.link`` fails atomically if the lock exists, also on NFS), so two workers
-never train the same run. The owner refreshes the lock's mtime every ``heartbeat_s`` seconds.
-A lock is *stale*, and may be broken, when its owner's pid is gone on this host or its
-heartbeat is older than ``stale_after_s`` seconds (a worker on another host that was killed).
-Breaking renames the lock aside and checks its token, so of two workers that both see a stale
-lock only one takes the run.
-
-A run that raises records its traceback in ``error.json``/``traceback.txt`` and the grid goes
-on; the next ``grid run`` retries it. A run killed halfway leaves its checkpoint, from which
-``run_training`` resumes. Finished runs are skipped, so re-running a grid (or a larger grid
-sharing runs) never trains a run twice.
+A run that raises records the error in ``error.json`` (``kind`` ``"exception"``, or
+``"diverged"`` for :class:`experiments.training.RunDiverged`) and ``traceback.txt``, and
+the grid goes on; the next ``grid run`` retries it. A run killed halfway leaves its
+checkpoint, from which ``run_training`` resumes. Finished runs are skipped, so re-running
+a grid (or a larger grid sharing runs) never trains a run twice.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import socket
-import threading
 import time
 import traceback
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from experiments import rundir
+from experiments.cli import Progress
 from experiments.config import RunConfig
+from experiments.locks import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_STALE_AFTER_S,
+    RUN_STATES,
+    claim_run,
+    read_lock,
+    run_dir,
+    run_state,
+    scan_states,
+)
 
 __all__ = [
     "RUN_STATES",
-    "RunLock",
     "RunOutcome",
-    "atomic_write_text",
     "run_dir",
     "run_state",
     "read_lock",
-    "lock_is_stale",
-    "claim_run",
+    "scan_states",
     "run_one",
     "run_local",
     "run_ray",
-    "scan_states",
 ]
 
-RUN_STATES = ("done", "running", "failed", "pending")
-LOCK_NAME = "lock.json"
-DEFAULT_STALE_AFTER_S = 600.0
-DEFAULT_HEARTBEAT_S = 30.0
-
 TrainFn = Callable[..., dict]
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (atomic rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def run_dir(results_dir: str | Path, config: RunConfig | str) -> Path:
-    """``RESULTS_DIR/runs/<run_id>`` for a config or a run id."""
-    rid = config if isinstance(config, str) else config.run_id()
-    return Path(results_dir) / "runs" / rid
-
-
-def is_complete(rdir: Path) -> bool:
-    """True when ``results.json`` parses with its result keys and ``per_image.npz`` exists."""
-    try:
-        res = json.loads((rdir / "results.json").read_text())
-    except (OSError, ValueError):
-        return False
-    needed = ("test_accuracy", "robustness", "config")
-    return all(k in res for k in needed) and (rdir / "per_image.npz").is_file()
-
-
-# --------------------------------------------------------------------------- locks
-
-
-@dataclass(frozen=True)
-class LockInfo:
-    pid: int
-    host: str
-    started: str
-    token: str
-    mtime: float
-
-
-def read_lock(rdir: Path) -> LockInfo | None:
-    """The lock of a run folder, or None when there is none (or it vanished meanwhile)."""
-    path = rdir / LOCK_NAME
-    try:
-        mtime = path.stat().st_mtime
-        d = json.loads(path.read_text())
-        return LockInfo(int(d["pid"]), str(d["host"]), str(d["started"]), str(d["token"]), mtime)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        # unreadable content: judge by age only (pid -1 never matches a live process)
-        try:
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        return LockInfo(-1, "?", "?", "?", mtime)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def lock_is_stale(info: LockInfo, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> bool:
-    """A lock is stale when its pid is dead on this host or its heartbeat is too old."""
-    if time.time() - info.mtime > stale_after_s:
-        return True
-    return info.host == socket.gethostname() and not _pid_alive(info.pid)
-
-
-class RunLock:
-    """An owned lock on a run folder, with a heartbeat thread that refreshes its mtime."""
-
-    def __init__(self, rdir: Path, token: str, heartbeat_s: float) -> None:
-        self.path = rdir / LOCK_NAME
-        self.token = token
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True)
-        self._thread.start()
-
-    def _beat(self, period: float) -> None:
-        while not self._stop.wait(period):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def owned(self) -> bool:
-        info = read_lock(self.path.parent)
-        return info is not None and info.token == self.token
-
-    def release(self) -> None:
-        """Stop the heartbeat and remove the lock if it is still ours."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if self.owned():
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-
-
-def claim_run(
-    rdir: Path,
-    *,
-    stale_after_s: float = DEFAULT_STALE_AFTER_S,
-    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-) -> RunLock | None:
-    """Atomically claim a run folder; None when another live worker holds it."""
-    rdir.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex
-    body = json.dumps(
-        {"pid": os.getpid(), "host": socket.gethostname(), "started": _now_iso(), "token": token}
-    )
-    tmp = rdir / f".lock.{token}.tmp"
-    tmp.write_text(body)
-    try:
-        for _ in range(3):
-            try:
-                os.link(tmp, rdir / LOCK_NAME)
-                return RunLock(rdir, token, heartbeat_s)
-            except FileExistsError:
-                info = read_lock(rdir)
-                if info is None:
-                    continue  # released meanwhile: try again
-                if not lock_is_stale(info, stale_after_s):
-                    return None
-                _break_stale(rdir, info)
-        return None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _break_stale(rdir: Path, info: LockInfo) -> None:
-    """Move a stale lock aside; if what we moved was a fresh lock (a race), put it back."""
-    aside = rdir / f".lock.stale.{uuid.uuid4().hex}"
-    try:
-        os.rename(rdir / LOCK_NAME, aside)
-    except FileNotFoundError:
-        return
-    moved = read_lock_file(aside)
-    if moved is not None and moved != info.token:
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, rdir / LOCK_NAME)
-    aside.unlink(missing_ok=True)
-
-
-def read_lock_file(path: Path) -> str | None:
-    try:
-        return str(json.loads(path.read_text())["token"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-# --------------------------------------------------------------------------- states
-
-
-def run_state(rdir: Path, stale_after_s: float = DEFAULT_STALE_AFTER_S) -> str:
-    """One of :data:`RUN_STATES` for a run folder (which need not exist)."""
-    if is_complete(rdir):
-        return "done"
-    info = read_lock(rdir)
-    if info is not None and not lock_is_stale(info, stale_after_s):
-        return "running"
-    if (rdir / "error.json").is_file():
-        return "failed"
-    return "pending"
-
-
-def scan_states(
-    results_dir: str | Path,
-    run_ids: Sequence[str] | None = None,
-    stale_after_s: float = DEFAULT_STALE_AFTER_S,
-) -> dict[str, str]:
-    """run_id -> state for ``run_ids`` (default: every run folder and every manifest's runs)."""
-    root = Path(results_dir)
-    if run_ids is None:
-        ids: dict[str, None] = {}
-        for manifest in sorted((root / "grids").glob("*.json")):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                ids.update(dict.fromkeys(json.loads(manifest.read_text())["run_ids"]))
-        if (root / "runs").is_dir():
-            ids.update(dict.fromkeys(sorted(p.name for p in (root / "runs").iterdir())))
-        run_ids = list(ids)
-    return {rid: run_state(run_dir(root, rid), stale_after_s) for rid in run_ids}
-
-
-# --------------------------------------------------------------------------- one run
 
 
 @dataclass(frozen=True)
@@ -306,77 +94,69 @@ def run_one(
     cfg = config if isinstance(config, RunConfig) else RunConfig.from_dict(config)
     rid = cfg.run_id()
     rdir = run_dir(results_dir, rid)
-    if is_complete(rdir):
+    if rundir.is_complete(rdir):
         return RunOutcome(rid, "skipped")
     lock = claim_run(rdir, stale_after_s=stale_after_s, heartbeat_s=heartbeat_s)
     if lock is None:
         return RunOutcome(rid, "busy")
     start = time.perf_counter()
     try:
-        if is_complete(rdir):  # finished by another worker between the check and the claim
+        if rundir.is_complete(rdir):  # finished by another worker between check and claim
             return RunOutcome(rid, "skipped")
-        cfg_path = rdir / "config.json"
-        if not cfg_path.is_file():
-            atomic_write_text(cfg_path, json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+        if not (rdir / rundir.CONFIG_FILE).is_file():
+            rundir.write_json_atomic(rdir / rundir.CONFIG_FILE, cfg.to_dict())
         train = train_fn or _default_train()
         try:
             train(cfg, rdir, data_root=data_root, device=device, progress=progress)
-            if not is_complete(rdir):
+            if not rundir.is_complete(rdir):
                 raise RuntimeError(f"training returned but {rdir} holds no complete result")
         except Exception as exc:  # noqa: BLE001 - recorded, the grid goes on
             _record_failure(rdir, exc)
-            return RunOutcome(rid, "failed", time.perf_counter() - start, repr(exc))
-        for name in ("error.json", "traceback.txt"):
-            (rdir / name).unlink(missing_ok=True)
+            error = f"{type(exc).__name__}: {exc}"
+            return RunOutcome(rid, "failed", time.perf_counter() - start, error)
+        rundir.clear_error(rdir)
         return RunOutcome(rid, "done", time.perf_counter() - start)
     finally:
         lock.release()
 
 
 def _record_failure(rdir: Path, exc: BaseException) -> None:
+    """``error.json`` and ``traceback.txt`` of a failed attempt.
+
+    A diverged run has already written its ``error.json`` (``kind: "diverged"``, its
+    epoch); only the traceback and the worker are added then, so attempts count once.
+    """
     tb = "".join(traceback.format_exception(exc))
-    attempts = 1
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        attempts = int(json.loads((rdir / "error.json").read_text())["attempts"]) + 1
-    atomic_write_text(rdir / "traceback.txt", tb)
-    atomic_write_text(
-        rdir / "error.json",
-        json.dumps(
-            {
-                "error": repr(exc),
-                "time": _now_iso(),
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "attempts": attempts,
-                "traceback": tb,
-            },
-            indent=1,
-        ),
-    )
+    where = {"host": socket.gethostname(), "pid": os.getpid(), "traceback": tb}
+    if getattr(exc, "recorded", False):
+        record = rundir.read_error(rdir) or {}
+        rundir.write_text_atomic(rdir / rundir.TRACEBACK_FILE, tb)
+        rundir.write_json_atomic(rdir / rundir.ERROR_FILE, {**record, **where})
+        return
+    kind = getattr(exc, "kind", "exception")
+    rundir.record_error(rdir, repr(exc), kind if kind in rundir.ERROR_KINDS else "exception",
+                        getattr(exc, "epoch", None), tb, **where)
 
 
 # --------------------------------------------------------------------------- executors
 
 
 def _pending(configs: Sequence[RunConfig], results_dir: Path) -> list[RunConfig]:
-    return [c for c in configs if not is_complete(run_dir(results_dir, c))]
+    return [c for c in configs if not rundir.is_complete(run_dir(results_dir, c))]
 
 
-@contextlib.contextmanager
-def _bar(total: int, initial: int, show: bool, desc: str) -> Iterator[tqdm]:
-    bar = tqdm(total=total, initial=initial, disable=not show, desc=desc, unit="run")
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
-def _tally(bar: tqdm, counts: dict[str, int], outcome: RunOutcome) -> None:
+def _tally(bar: Progress, counts: dict[str, int], outcome: RunOutcome) -> None:
     counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    bar.update(1)
-    bar.set_postfix({k: v for k, v in counts.items() if v}, refresh=True)
+    bar.update(1, postfix={k: v for k, v in counts.items() if v})
     if outcome.status == "failed":
         bar.write(f"run {outcome.run_id} failed: {outcome.error}")
+
+
+def _grid_bar(configs: Sequence[RunConfig], todo: Sequence[RunConfig], show: bool,
+              desc: str) -> Progress:
+    """A bar over the grid's runs; in a log, one line per finished run."""
+    return Progress(len(configs), desc, enabled=show, initial=len(configs) - len(todo),
+                    unit="run", lines=None, leave=True)
 
 
 def _run_kwargs(
@@ -423,6 +203,9 @@ def run_local(
     Worker processes are spawned (not forked) and each gets
     ``threads_per_worker`` (default ``cpu_count // workers``) torch threads. ``train_fn`` must
     be picklable (a module-level function) when ``workers > 1``.
+
+    Raises:
+        ValueError: ``workers`` below 1.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -431,7 +214,7 @@ def run_local(
     kw = _run_kwargs(data_root, device, run_progress, stale_after_s, heartbeat_s, train_fn)
     outcomes: list[RunOutcome] = []
     counts: dict[str, int] = {}
-    with _bar(len(configs), len(configs) - len(todo), progress, "grid") as bar:
+    with _grid_bar(configs, todo, progress, "grid") as bar:
         if workers == 1:
             for cfg in todo:
                 outcome = run_one(cfg, root, **kw)
@@ -503,7 +286,7 @@ def run_ray(
     outcomes: list[RunOutcome] = []
     counts: dict[str, int] = {}
     try:
-        with _bar(len(configs), len(configs) - len(todo), progress, "grid (ray)") as bar:
+        with _grid_bar(configs, todo, progress, "grid (ray)") as bar:
             refs = [task.remote(cfg.to_dict(), str(root), kw) for cfg in todo]
             while refs:
                 ready, refs = ray.wait(refs, num_returns=1)

@@ -50,14 +50,15 @@ them with paired confidence intervals.
   The paper ran lenet on mnist, cifar10, cifar100 and alexnet on cifar10, cifar100.
 * ``paper-all``: the five grids of the paper (420 runs).
 * every ``experiments/grids/<name>.toml`` shipped with the package, by ``<name>``
-  (``reduced-cpu``, ``matched-compute-mnist``, ``tiny``).
+  (``reduced-cpu``, ``reduced-cpu-10ep``, ``reduced-cpu-cifar10``, ``tiny``).
+
+The command line (``python -m experiments grid ...``) is :mod:`experiments.grid_cli`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ from typing import Any
 
 import yaml
 
+from experiments import rundir
 from experiments.config import RunConfig
 
 __all__ = [
@@ -83,7 +85,6 @@ __all__ = [
     "load_grid_file",
     "list_presets",
     "matched_epochs",
-    "export_results",
 ]
 
 PAPER_AUGMENT_FOLDS: tuple[int, ...] = (2, 6, 11, 21)
@@ -418,192 +419,6 @@ def load_grid(name_or_path: str, *, epochs: int | None = None) -> Grid:
 
 def write_manifest(grid: Grid, results_dir: str | Path) -> Path:
     """Write (atomically) ``RESULTS_DIR/grids/<name>.json`` so status and report know the grid."""
-    from experiments.executors import atomic_write_text
-
     path = Path(results_dir) / "grids" / f"{grid.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(grid.manifest(), indent=1, sort_keys=True))
+    rundir.write_json_atomic(path, grid.manifest())
     return path
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_grid_parser(subparsers: Any) -> None:
-    """Register ``grid run|status|list|show`` on an argparse subparsers object."""
-    grid = subparsers.add_parser(
-        "grid", help="run or inspect a resumable grid of training runs (presets or TOML/YAML)"
-    )
-    sub = grid.add_subparsers(dest="grid_command", required=True)
-
-    run = sub.add_parser("run", help="train every unfinished run of a grid")
-    run.add_argument("grid", help="preset name (see 'grid list') or a .toml/.yaml grid file")
-    run.add_argument("--results-dir", default=None, help="default: results/<grid name>")
-    run.add_argument("--executor", choices=("local", "ray"), default="local")
-    run.add_argument("--workers", type=int, default=1, help="local worker processes")
-    run.add_argument("--address", default=None, help="Ray address (default: local instance)")
-    run.add_argument("--gpus-per-run", type=float, default=0.0)
-    run.add_argument("--cpus-per-run", type=float, default=1.0)
-    run.add_argument(
-        "--device",
-        default=None,
-        help="torch device (default: cuda with --gpus-per-run>0, else cpu)",
-    )
-    run.add_argument("--data-root", default=None, help="default: $MOMENTKIT_DATA")
-    run.add_argument("--seed", type=int, default=None, help="override every run's seed")
-    run.add_argument("--epochs", type=int, default=None, help="epochs of the paper-* presets")
-    run.add_argument("--limit", type=int, default=None, help="run at most this many runs")
-    run.add_argument("--stale-after", type=float, default=600.0, help="seconds without heartbeat")
-    run.add_argument("--run-progress", action="store_true", help="per-epoch progress bars")
-    run.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
-    run.set_defaults(func=_cmd_run)
-
-    status = sub.add_parser("status", help="done/running/failed/pending runs")
-    status.add_argument("target", help="a results directory, a preset or a grid file")
-    status.add_argument("--results-dir", default=None, help="with a preset/file: its results")
-    status.add_argument("--stale-after", type=float, default=600.0)
-    status.set_defaults(func=_cmd_status)
-
-    lst = sub.add_parser("list", help="list the presets")
-    lst.set_defaults(func=_cmd_list)
-
-    export = sub.add_parser(
-        "export", help="copy the small result files (no checkpoints) of a results directory"
-    )
-    export.add_argument("results_dir")
-    export.add_argument("dest", help="destination folder (e.g. under docs/results/)")
-    export.set_defaults(func=_cmd_export)
-
-    show = sub.add_parser("show", help="print a grid's expanded runs")
-    show.add_argument("grid")
-    show.set_defaults(func=_cmd_show)
-
-
-def _results_dir(args: Any, grid: Grid) -> Path:
-    return Path(args.results_dir) if args.results_dir else Path("results") / grid.name
-
-
-def _cmd_run(args: Any) -> int:
-    import os
-
-    from experiments import executors
-
-    grid = load_grid(args.grid, epochs=args.epochs)
-    if args.seed is not None:
-        grid = grid.with_overrides(seed=args.seed)
-    results = _results_dir(args, grid)
-    configs = list(grid.configs)[: args.limit] if args.limit else list(grid.configs)
-    counts = ", ".join(f"{k} {v}" for k, v in grid.count_by_method().items())
-    print(f"grid {grid.name}: {len(grid)} runs ({counts}) -> {results}")
-    if args.dry_run:
-        for c in configs:
-            print(c.run_id(), json.dumps(c.to_dict(), sort_keys=True))
-        return 0
-    write_manifest(grid, results)
-    device = args.device or ("cuda" if args.gpus_per_run > 0 else "cpu")
-    data_root = args.data_root or os.environ.get("MOMENTKIT_DATA")
-    common = dict(data_root=data_root, device=device, stale_after_s=args.stale_after)
-    if args.executor == "ray":
-        outcomes = executors.run_ray(
-            configs,
-            results,
-            address=args.address,
-            gpus_per_run=args.gpus_per_run,
-            cpus_per_run=args.cpus_per_run,
-            **common,
-        )
-    else:
-        outcomes = executors.run_local(
-            configs, results, workers=args.workers, run_progress=args.run_progress, **common
-        )
-    states = executors.scan_states(results, grid.run_ids()[: len(configs)], args.stale_after)
-    _print_counts(states)
-    failed = [o for o in outcomes if o.status == "failed"]
-    if failed:
-        print(f"{len(failed)} run(s) failed (see runs/<id>/traceback.txt); rerun to retry them")
-    return 1 if failed else 0
-
-
-def _print_counts(states: Mapping[str, str]) -> None:
-    from experiments.executors import RUN_STATES
-
-    counts = {s: 0 for s in RUN_STATES}
-    for s in states.values():
-        counts[s] += 1
-    print(" ".join(f"{s}={counts[s]}" for s in RUN_STATES) + f" total={len(states)}")
-
-
-def _cmd_status(args: Any) -> int:
-    from experiments import executors
-
-    target = Path(args.target)
-    if target.is_dir():
-        results, ids = target, None
-    else:
-        grid = load_grid(args.target)
-        results, ids = _results_dir(args, grid), grid.run_ids()
-    states = executors.scan_states(results, ids, args.stale_after)
-    print(f"results: {results}")
-    _print_counts(states)
-    for rid, state in states.items():
-        rdir = executors.run_dir(results, rid)
-        if state == "running":
-            info = executors.read_lock(rdir)
-            if info is not None:
-                print(f"  running {rid}: pid {info.pid} on {info.host} since {info.started}")
-        elif state == "failed":
-            try:
-                err = json.loads((rdir / "error.json").read_text())
-                print(f"  failed  {rid}: {err['error']} (attempts {err['attempts']})")
-            except (OSError, ValueError, KeyError):
-                print(f"  failed  {rid}: unreadable error.json")
-    return 0
-
-
-EXPORTED_FILES = ("config.json", "results.json", "per_image.npz", "error.json")
-
-
-def export_results(results_dir: str | Path, dest: str | Path) -> list[Path]:
-    """Copy each run's small files (:data:`EXPORTED_FILES`, never checkpoints) to
-    ``dest/run_results/<run_id>/`` and the grid manifests to ``dest/grids/``.
-
-    The copy is what a report needs (``python -m experiments report DEST``) and small
-    enough to commit. Returns the copied paths.
-    """
-    import shutil
-
-    src, out = Path(results_dir), Path(dest)
-    copied = []
-    for rdir in sorted((src / "runs").glob("*")):
-        for name in EXPORTED_FILES:
-            if (rdir / name).is_file():
-                target = out / "run_results" / rdir.name / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                copied.append(Path(shutil.copy2(rdir / name, target)))
-    for manifest in sorted((src / "grids").glob("*.json")):
-        (out / "grids").mkdir(parents=True, exist_ok=True)
-        copied.append(Path(shutil.copy2(manifest, out / "grids" / manifest.name)))
-    return copied
-
-
-def _cmd_export(args: Any) -> int:
-    copied = export_results(args.results_dir, args.dest)
-    print(f"copied {len(copied)} files to {args.dest}")
-    return 0
-
-
-def _cmd_list(args: Any) -> int:
-    for name, desc in list_presets().items():
-        print(f"{name:28s} {desc}")
-    return 0
-
-
-def _cmd_show(args: Any) -> int:
-    grid = load_grid(args.grid)
-    counts = ", ".join(f"{k} {v}" for k, v in grid.count_by_method().items())
-    print(f"grid {grid.name}: {len(grid)} runs ({counts})")
-    for c in grid.configs:
-        print(c.run_id(), json.dumps(c.to_dict(), sort_keys=True))
-    for m in grid.matched:
-        print(f"matched: {m.run_id} ~ {m.reference_run_id} by {m.by} (cost ratio {m.cost_ratio})")
-    return 0

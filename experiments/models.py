@@ -1,4 +1,4 @@
-"""The paper's LeNet and AlexNet adaptations (Section 4.2, DESIGN.md).
+"""The paper's LeNet and AlexNet adaptations (Section 4.2).
 
 Every model is an ``nn.Sequential`` whose first module is
 :class:`momentkit.affine.Normalize` (the dataset's per-channel mean and standard
@@ -27,10 +27,16 @@ it is defined for CIFAR-10 and CIFAR-100 only.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 from torch import nn
 
 from experiments.data import DATASET_INFO, DatasetInfo
 from momentkit.affine import Normalize
+
+if TYPE_CHECKING:
+    from experiments.config import RunConfig
 
 MODELS = ("lenet", "alexnet")
 
@@ -111,3 +117,15 @@ def build_model(name: str, dataset: str) -> nn.Sequential:
     if name == "alexnet":
         return alexnet(dataset)
     raise ValueError(f"model: unknown model {name!r}; expected one of {list(MODELS)}")
+
+
+def make_model(config: RunConfig, device: torch.device | str = "cpu") -> nn.Sequential:
+    """The model of a run config, initialized from ``config.seed`` on ``device``.
+
+    The global RNG is forked, so the caller's random state is left as it was and the
+    same config gives the same initial weights in every process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config.model, config.dataset)
+    return model.to(device)

@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ def certify_file(sigma: float) -> str:
     """File name of the certificates at noise ``sigma``: ``certify-sigma{sigma:g}.json``."""
     return f"certify-sigma{float(sigma):g}.json"
 
+ERROR_KINDS = ("diverged", "exception")
+"""Values of ``error.json``'s ``kind``: a diverged run or any other exception."""
+
 COMPLETE_KEYS = ("config", "test_accuracy", "robustness")
 """Keys a ``results.json`` must hold for the run to count as complete."""
 
@@ -57,7 +61,9 @@ def package_version() -> str:
     return str(__version__)
 
 
-def write_atomic(path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb") -> None:
+def write_atomic(
+    path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb"
+) -> None:
     """Write ``path`` through ``write(handle)`` into a temporary file, then ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,3 +128,47 @@ def is_complete(rdir: str | os.PathLike[str]) -> bool:
 def read_error(rdir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The ``error.json`` of a failed run (``None`` when there is none)."""
     return read_json(Path(rdir) / ERROR_FILE)
+
+
+def record_error(
+    rdir: str | os.PathLike[str],
+    error: str,
+    kind: str,
+    epoch: int | None = None,
+    traceback_text: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write ``error.json`` (and ``traceback.txt`` when given) for a failed attempt.
+
+    ``error.json`` holds ``{"error", "kind", "epoch", "attempts", "time", **extra}``:
+    ``kind`` is ``"diverged"`` (a non-finite loss or parameters) or ``"exception"``;
+    ``attempts`` counts the failed attempts recorded in this folder so far (1 for the
+    first). Returns the written dict.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`ERROR_KINDS`, or ``extra`` holds a NaN
+            or an infinity (strict JSON); nothing is written then.
+    """
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"kind: expected one of {ERROR_KINDS}, got {kind!r}")
+    rdir = Path(rdir)
+    previous = read_error(rdir) or {}
+    attempts = previous.get("attempts")
+    record = {
+        "error": str(error),
+        "kind": kind,
+        "epoch": None if epoch is None else int(epoch),
+        "attempts": (attempts + 1) if isinstance(attempts, int) else 1,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        **extra,
+    }
+    write_json_atomic(rdir / ERROR_FILE, record)  # first: a NaN in extra writes nothing
+    if traceback_text is not None:
+        write_text_atomic(rdir / TRACEBACK_FILE, traceback_text)
+    return record
+
+
+def clear_error(rdir: str | os.PathLike[str]) -> None:
+    """Remove ``error.json`` and ``traceback.txt`` (after a successful attempt)."""
+    for name in (ERROR_FILE, TRACEBACK_FILE):
+        (Path(rdir) / name).unlink(missing_ok=True)

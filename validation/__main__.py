@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.data import resolve_data_root
 from validation.reporting import SuiteConfig, SuiteReport, write_report
 
 SuiteRunner = Callable[[SuiteConfig], SuiteReport]
@@ -62,8 +62,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--data-root",
         type=Path,
         default=None,
-        help="dataset root for the 'deep' suite (default: $MOMENTKIT_DATA, "
-        "then ../shared/data beside the repository)",
+        help="dataset root for the 'deep' suite (default: $MOMENTKIT_DATA, else ./data; "
+        "without MNIST there the suite uses synthetic digits and says so)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
@@ -73,14 +73,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.seed < 0:
         parser.error("--seed must be non-negative")
     return args
-
-
-def default_data_root() -> Path:
-    """``$MOMENTKIT_DATA``, else ``<repo>/../shared/data``."""
-    env = os.environ.get("MOMENTKIT_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quick=args.quick,
         device=args.device,
         seed=args.seed,
-        data_root=args.data_root or default_data_root(),
+        data_root=resolve_data_root(args.data_root),
         progress=not args.no_progress,
     )
     total = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from experiments.cli import add_runtime_args
 from experiments.report.markdown import write_report
 
 __all__ = ["register"]
@@ -73,4 +74,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.95, help="confidence level")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    add_runtime_args(p, device=False, data_root=False)
     p.set_defaults(func=_cmd_report)

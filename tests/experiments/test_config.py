@@ -60,6 +60,7 @@ def test_round_trip_and_unknown_keys() -> None:
         RunConfig.from_dict({"dataset": "mnist"})
 
 
+@pytest.mark.slow
 def test_run_id_is_stable_across_processes() -> None:
     cfg = RunConfig("mnist", "lenet", "augment", sigma=0.5, folds=6, seed=3)
     code = (

@@ -17,6 +17,7 @@ from experiments.data import (
     iterate_batches,
     load_dataset,
     load_image_folder,
+    resolve_data_root,
     subset_indices,
     train_val_split,
 )
@@ -143,6 +144,46 @@ def test_data_root_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         load_dataset("mnist")
 
 
+def test_data_root_order_is_flag_then_environment_then_dot_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MOMENTKIT_DATA", str(tmp_path / "env"))
+    assert resolve_data_root(tmp_path / "flag") == tmp_path / "flag"
+    assert resolve_data_root(None) == tmp_path / "env"
+    monkeypatch.setenv("MOMENTKIT_DATA", "")  # set but empty counts as unset
+    assert resolve_data_root(None) == Path("data")
+    monkeypatch.delenv("MOMENTKIT_DATA")
+    assert resolve_data_root() == Path("data")
+    assert resolve_data_root("~/d") == Path.home() / "d"
+
+
+def test_validation_uses_the_same_data_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m validation`` resolved ``../shared``-style defaults of its own before."""
+    from validation import __main__ as validation_main
+
+    seen = []
+    monkeypatch.setattr(validation_main, "suite_runner",
+                        lambda name: lambda cfg: seen.append(cfg.data_root) or None)
+    monkeypatch.setattr(validation_main, "write_report", _no_report)
+    monkeypatch.setenv("MOMENTKIT_DATA", str(tmp_path / "env"))
+    validation_main.main(["cost", "--out", str(tmp_path / "out")])
+    validation_main.main(["cost", "--out", str(tmp_path / "out"), "--data-root", "x"])
+    monkeypatch.delenv("MOMENTKIT_DATA")
+    validation_main.main(["cost", "--out", str(tmp_path / "out")])
+    assert seen == [tmp_path / "env", Path("x"), Path("data")]
+
+
+def _no_report(cfg, report):
+    class Written:
+        summary: list = []
+        seconds = 0.0
+        paths = {"md": "-"}
+
+    return Written()
+
+
 def test_unknown_dataset_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="dataset"):
         load_dataset("imagenet")
@@ -164,6 +205,12 @@ def test_subset_indices() -> None:
     assert len(set(idx.tolist())) == 10 and bool((idx >= 0).all() and (idx < 100).all())
     assert torch.equal(idx, subset_indices(100, 10, seed=1))
     assert torch.equal(subset_indices(100, None, seed=1), torch.arange(100))
+    assert torch.equal(subset_indices(100, 100, seed=1), torch.arange(100))
+    # never clamped silently (it was: 101 of 100 gave all 100)
+    with pytest.raises(ValueError, match="101 images requested, but only 100 are available"):
+        subset_indices(100, 101, seed=1)
+    with pytest.raises(ValueError, match="must be positive"):
+        subset_indices(100, 0, seed=1)
 
 
 def test_iterate_batches_visits_every_image_once_as_floats() -> None:
