@@ -236,6 +236,7 @@ class MomentRegularizedLoss(nn.Module):
     sigma: SigmaLike
 
     def __init__(self, sigma: SigmaLike, alpha: float) -> None:
+        """Fix ``sigma`` (pixel-space noise std) and ``alpha`` (weight of the moment term)."""
         super().__init__()
         sigma_t = _check_sigma_values(sigma)
         self.alpha = _check_alpha(alpha)
@@ -249,8 +250,10 @@ class MomentRegularizedLoss(nn.Module):
     def forward(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(total, clean, moment)``: :func:`moment_regularized_loss` of ``model`` on a batch."""
         return moment_regularized_loss(model, x, y, self.sigma, self.alpha)
 
     def extra_repr(self) -> str:
+        """``sigma=..., alpha=...`` for ``repr`` (a tensor ``sigma`` by its shape)."""
         sigma = self.sigma if isinstance(self.sigma, float) else tuple(self.sigma.shape)
         return f"sigma={sigma}, alpha={self.alpha}"
