@@ -50,6 +50,10 @@ BROKEN_MODULE = '''
 
 import torch
 
+#: Documented Sphinx-style, by a comment
+#: of two lines.
+LIMIT = 3
+
 
 def good(x: int) -> int:
     """Refers to :func:`torch.relu`, :class:`Holder` and :meth:`Holder.fine`."""
@@ -100,7 +104,8 @@ def test_checker_reports_each_broken_docstring_and_nothing_else(tmp_path, monkey
         assert sum(line in p for p in problems) == 1, f"missing {line!r} in:\n{text}"
     # the valid references (absolute, module-level, class-qualified, sibling) pass
     assert len(problems) == len(expected), text
-    assert (tmp_path / "out" / "brokendoc.html").is_file()
+    page = (tmp_path / "out" / "brokendoc.html").read_text()
+    assert "Documented Sphinx-style, by a comment\nof two lines." in page
 
 
 def test_command_line_fails_on_problems(tmp_path, monkeypatch, capsys):

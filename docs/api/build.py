@@ -7,6 +7,8 @@ writes one HTML page per module (``momentkit.html``, ``momentkit/relu.html``,
 ``index.html``. Docstrings are read in Google style (``Args:``, ``Returns:``,
 ``Raises:``, ``Attributes:``) with reStructuredText cross-reference roles
 (:func:`relu_mean`, :mod:`momentkit.references`), which pdoc turns into links.
+Constants documented Sphinx-style, by ``#:`` comment lines above the assignment, get
+that text as their docstring (pdoc itself reads only a string literal below it).
 
 The build fails (exit status 1, one line per problem on stderr) on
 
@@ -25,7 +27,9 @@ The build fails (exit status 1, one line per problem on stderr) on
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import inspect
 import pkgutil
 import re
 import sys
@@ -201,8 +205,70 @@ def _disjoint_specs(names: Sequence[str]) -> list[str]:
     return specs
 
 
+def _comment_docs(module_name: str) -> dict[str, str]:
+    """``{qualname: text}`` of the assignments in a module preceded by ``#:`` comments.
+
+    The project documents constants Sphinx-style (``#: text`` on the lines above the
+    assignment); pdoc reads only a string literal below it, so :func:`build` supplies
+    these. Module-level and class-level assignments to plain names are read.
+    """
+    module = sys.modules.get(module_name)
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):
+        return {}
+    lines = source.splitlines()
+    docs: dict[str, str] = {}
+
+    def visit(body: list[ast.stmt], prefix: str) -> None:
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                visit(node.body, f"{prefix}{node.name}.")
+                continue
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else []
+            )
+            comment: list[str] = []
+            row = node.lineno - 2
+            while row >= 0 and lines[row].strip().startswith("#:"):
+                comment.insert(0, lines[row].strip()[2:].strip())
+                row -= 1
+            for target in targets:
+                if isinstance(target, ast.Name) and comment:
+                    docs[prefix + target.id] = "\n".join(comment)
+
+    visit(ast.parse(source).body, "")
+    return docs
+
+
+def _page_docs(module_doc: pdoc.doc.Module) -> Iterator[pdoc.doc.Doc]:
+    """The module and every member its page shows, recursively."""
+    yield module_doc
+    module_all = getattr(module_doc.obj, "__all__", None) or []
+    for member in module_doc.own_members:
+        if _shown(member, module_all):
+            yield from _walk(member, module_all)
+
+
+def _write(all_modules: dict[str, pdoc.doc.Module], out_dir: Path) -> None:
+    """Render every page, the index and the search index (as ``pdoc.pdoc`` does)."""
+    for module_doc in all_modules.values():
+        page = out_dir / f"{module_doc.fullname.replace('.', '/')}.html"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        page.write_text(pdoc.render.html_module(module_doc, all_modules), encoding="utf-8")
+    for name, text in (
+        ("index.html", pdoc.render.html_index(all_modules)),
+        ("search.js", pdoc.render.search_index(all_modules)),
+    ):
+        if text:
+            (out_dir / name).write_text(text, encoding="utf-8")
+
+
 def build(out_dir: str | Path, modules: Sequence[str] | None = None) -> list[str]:
     """Write the HTML reference of ``modules`` to ``out_dir``; return the problems found.
+
+    Constants documented by ``#:`` comments get that text as their docstring
+    (:func:`_comment_docs`).
 
     Args:
         out_dir: output folder (created; existing pages are overwritten).
@@ -217,16 +283,17 @@ def build(out_dir: str | Path, modules: Sequence[str] | None = None) -> list[str
         warnings.simplefilter("always")
         specs = _disjoint_specs(list(modules) if modules is not None else public_modules())
         pdoc.render.configure(docformat=DOCFORMAT, show_source=True)
-        pdoc.pdoc(*specs, output_directory=out_dir)
+        all_modules = {
+            name: pdoc.doc.Module.from_name(name) for name in pdoc.extract.walk_specs(specs)
+        }
         problems = []
-        for name in pdoc.extract.walk_specs(specs):
-            module_doc = pdoc.doc.Module.from_name(name)
-            module_all = getattr(module_doc.obj, "__all__", None) or []
-            problems.extend(reference_problems(module_doc, name))
-            for member in module_doc.own_members:
-                if _shown(member, module_all):
-                    for doc in _walk(member, module_all):
-                        problems.extend(reference_problems(doc, name))
+        for name, module_doc in all_modules.items():
+            for doc in _page_docs(module_doc):
+                if isinstance(doc, pdoc.doc.Variable) and not doc.docstring:
+                    origin, qualname = doc.taken_from
+                    doc.docstring = _comment_docs(origin).get(qualname, "")
+                problems.extend(reference_problems(doc, name))
+        _write(all_modules, out_dir)
     warned = [f"pdoc warning ({w.category.__name__}): {w.message}" for w in caught]
     # several pages document the same re-exported object: report each problem once
     return list(dict.fromkeys(warned + problems))
