@@ -90,7 +90,8 @@ def compare_runs(
 
     Returns a dict with ``sigmas`` (list), ``curve`` (one ``(a, b, diff, low, high)``
     per sigma), ``auc`` and ``accuracy`` (each ``(a, b, diff, low, high)``),
-    ``recorded_auc`` (the ``auc`` each ``results.json`` holds) and ``n_images``.
+    ``recorded_auc`` (the ``auc`` each ``results.json`` holds), ``n_images`` and
+    ``runs`` (a one-line description of each).
 
     Raises:
         RunMismatchError: a folder is not a complete run, or the two runs were not
@@ -130,6 +131,7 @@ def compare_runs(
         "accuracy": row(img_a["correct"], img_b["correct"], len(sigmas_a) + 1),
         "recorded_auc": (res_a["robustness"]["auc"], res_b["robustness"]["auc"]),
         "n_images": int(img_a["robust"].shape[1]),
+        "runs": (_describe(res_a), _describe(res_b)),
     }
 
 
@@ -155,8 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
 
-    print(f"A = {_describe(load_run(args.run_a)[0])}")
-    print(f"B = {_describe(load_run(args.run_b)[0])}")
+    print(f"A = {out['runs'][0]}")
+    print(f"B = {out['runs'][1]}")
     print(f"{out['n_images']} test images; B - A with 95% paired bootstrap intervals")
     print(f"{'sigma':>8} {'A':>7} {'B':>7} {'B - A':>8}  95% interval")
     for s, (a, b, d, lo, hi) in zip(out["sigmas"], out["curve"], strict=True):
