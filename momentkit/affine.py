@@ -39,6 +39,7 @@ class Normalize(nn.Module):
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """One ``mean`` and one ``std`` per channel (same length, every ``std`` > 0)."""
         super().__init__()
         fn = "Normalize"
         mean_t = as_float_tensor(
@@ -65,6 +66,7 @@ class Normalize(nn.Module):
         return t.to(dtype=x.dtype).view(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` along dimension 1 (dimension 0 for a 1-d ``x``)."""
         return (x - self._view(self.mean, x)) / self._view(self.std, x)
 
     def scale_variance(self, var: torch.Tensor) -> torch.Tensor:
@@ -72,6 +74,7 @@ class Normalize(nn.Module):
         return var / self._view(self.std, var) ** 2
 
     def extra_repr(self) -> str:
+        """``mean=[...], std=[...]`` for ``repr``."""
         return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
 
 

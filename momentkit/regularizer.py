@@ -257,6 +257,7 @@ class MomentRegularizedLoss(nn.Module):
     sigma: SigmaLike
 
     def __init__(self, sigma: SigmaLike, alpha: float) -> None:
+        """Fix ``sigma`` (pixel-space noise std) and ``alpha`` (weight of the moment term)."""
         super().__init__()
         sigma_t = check_sigma_tensor(sigma, "MomentRegularizedLoss")
         self.alpha = check_scalar(alpha, "alpha", "MomentRegularizedLoss")
@@ -270,8 +271,10 @@ class MomentRegularizedLoss(nn.Module):
     def forward(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(total, clean, moment)``: :func:`moment_regularized_loss` of ``model`` on a batch."""
         return moment_regularized_loss(model, x, y, self.sigma, self.alpha)
 
     def extra_repr(self) -> str:
+        """``sigma=..., alpha=...`` for ``repr`` (a tensor ``sigma`` by its shape)."""
         sigma = self.sigma if isinstance(self.sigma, float) else tuple(self.sigma.shape)
         return f"sigma={sigma}, alpha={self.alpha}"

@@ -63,6 +63,7 @@ class Upsilon(nn.Module):
         normalize: Normalize | None = None,
         flatten: nn.Flatten | None = None,
     ) -> None:
+        """Raises :class:`MomentInputError` for a wrong module type or a batch-merging flatten."""
         super().__init__()
         if not isinstance(affine, _AFFINE_TYPES):
             raise MomentInputError(
@@ -87,6 +88,7 @@ class Upsilon(nn.Module):
         self.affine = affine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``affine(flatten(normalize(x)))``, skipping the parts that are ``None``."""
         if self.normalize is not None:
             x = self.normalize(x)
         if self.flatten is not None:

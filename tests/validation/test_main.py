@@ -23,6 +23,7 @@ def test_unusable_device_is_reported(tmp_path: Path, capsys):
     assert "--device" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_runs_a_suite_and_writes_its_files(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(
         suite_covariance, "grid", lambda quick: {"means": [0.0], "rhos": [0.5], "n_samples": 2000}
@@ -30,5 +31,6 @@ def test_runs_a_suite_and_writes_its_files(tmp_path: Path, monkeypatch):
     assert cli.main(["covariance", "--out", str(tmp_path), "--seed", "4", "--no-progress"]) == 0
     for ext in ("csv", "png", "md"):
         assert (tmp_path / f"covariance.{ext}").is_file()
+    assert (tmp_path / "covariance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (tmp_path / "covariance.csv").read_text().splitlines()
     assert "# seed: 4" in lines and "# quick: False" in lines

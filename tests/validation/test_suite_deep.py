@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from validation import suite_deep
 from validation.reporting import SuiteConfig
 
 
+@pytest.mark.slow
 def test_tiny_run_on_synthetic_data(tmp_path: Path):
     cfg = SuiteConfig(out_dir=tmp_path, quick=True, seed=1, data_root=None, progress=False)
     tiny = {

@@ -26,7 +26,7 @@ def test_tiny_grid_passes_and_writes_outputs(tmp_path: Path):
     assert report.summary[0].startswith("**PASS**")
     text = (tmp_path / "shallow.csv").read_text().splitlines()
     assert "# seed: 3" in text and any(line.startswith("# momentkit_version: ") for line in text)
-    assert (tmp_path / "shallow.png").stat().st_size > 0
+    assert (tmp_path / "shallow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "PASS" in (tmp_path / "shallow.md").read_text()
 
 
