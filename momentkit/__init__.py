@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from momentkit.affine import Normalize, affine_moments
+from momentkit.certify import CertifyResult, certified_accuracy, certify, smoothed_predict
 from momentkit.errors import MomentInputError
 from momentkit.regularizer import (
     ExpectedPrediction,
@@ -55,6 +56,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "CertifyResult", "certified_accuracy", "certify", "smoothed_predict",
     "ExpectedPrediction",
     "MomentInputError",
     "MomentRegularizedLoss",
