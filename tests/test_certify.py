@@ -111,6 +111,7 @@ def test_certify_coverage_by_simulation() -> None:
 # --------------------------------------------------------------------------- known radius
 
 
+@pytest.mark.slow
 def test_soundness_never_above_the_distance_to_the_boundary() -> None:
     model, w, b = linear_classifier(4)
     n_images, alpha = 200, 0.001
