@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from experiments import demo, grids, report
+from experiments import certify, demo, grids, report
 from experiments.cli import add_runtime_args, apply_runtime_args, format_robustness
 from experiments.config import METHODS, RunConfig
 from experiments.data import DATASETS, DatasetNotFoundError
@@ -170,6 +170,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     demo.register,
     grids.add_grid_parser,
     report.add_report_parser,
+    certify.register,
 ]
 """Functions that each add one sub-command to the parser."""
 
