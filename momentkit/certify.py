@@ -40,7 +40,8 @@ the noise costs one ``normal_`` per value (see ``benchmarks/bench_certify.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +130,13 @@ def _check_int(value: object, name: str, fn: str, low: int) -> int:
     return int(value)
 
 
+def _as_float(value: object, name: str, fn: str) -> float:
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise MomentInputError(f"{fn}: {name} must be a number, got {value!r}") from exc
+
+
 def _check_args(
     fn: str, x: torch.Tensor, sigma: float, alpha: float, batch_size: int, seed: int
 ) -> tuple[float, float, int, int]:
@@ -144,16 +152,9 @@ def _check_args(
         raise MomentInputError(f"{fn}: x holds no images (batch size 0)")
     if not bool(torch.isfinite(x).all()):
         raise MomentInputError(f"{fn}: x contains NaN or infinity")
-    try:
-        sigma_f = float(sigma)
-    except (TypeError, ValueError) as exc:
-        raise MomentInputError(f"{fn}: sigma must be a number, got {sigma!r}") from exc
+    sigma_f, alpha_f = _as_float(sigma, "sigma", fn), _as_float(alpha, "alpha", fn)
     if not math.isfinite(sigma_f) or sigma_f < 0:
         raise MomentInputError(f"{fn}: sigma must be finite and >= 0, got {sigma!r}")
-    try:
-        alpha_f = float(alpha)
-    except (TypeError, ValueError) as exc:
-        raise MomentInputError(f"{fn}: alpha must be a number, got {alpha!r}") from exc
     if not 0.0 < alpha_f < 1.0:
         raise MomentInputError(f"{fn}: alpha must lie in (0, 1), got {alpha!r}")
     return (sigma_f, alpha_f, _check_int(batch_size, "batch_size", fn, 1),
@@ -221,20 +222,16 @@ def _count(
     return counts
 
 
-class _EvalMode:
-    """Context: ``model.eval()`` and no gradients inside, the previous mode restored after."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.was_training = model, model.training
-        self.no_grad = torch.no_grad()
-
-    def __enter__(self) -> None:
-        self.model.eval()
-        self.no_grad.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self.no_grad.__exit__(*exc)
-        self.model.train(self.was_training)
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` and no gradients inside; the previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def certify(
@@ -291,7 +288,7 @@ def certify(
     idx = _check_indices(fn, indices, x.shape[0])
     device = _device_of(model, x)
     rows_sel, rows_est, top = [], [], []
-    with _EvalMode(model), tqdm(total=len(idx) * (n0 + n), disable=not progress,
+    with _eval_mode(model), tqdm(total=len(idx) * (n0 + n), disable=not progress,
                                 desc="certify", unit="copy") as bar:
         for i, image in enumerate(idx):
             xi = x[i].to(device)
@@ -344,7 +341,7 @@ def smoothed_predict(
     idx = _check_indices(fn, indices, x.shape[0])
     device = _device_of(model, x)
     out = []
-    with _EvalMode(model), tqdm(disable=True) as bar:
+    with _eval_mode(model), tqdm(disable=True) as bar:
         for i, image in enumerate(idx):
             counts = _count(model, x[i].to(device), sigma, n, seed=seed, image=image,
                             stage=_PREDICT, batch_size=batch_size, bar=bar).cpu()
