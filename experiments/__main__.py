@@ -16,20 +16,20 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from experiments import commands, demo, grid_cli
+from experiments import certify, commands, demo, grid_cli
 from experiments.checkpoints import CheckpointError
 from experiments.cli import apply_runtime_args
 from experiments.data import DatasetNotFoundError
+from experiments.report import cli as report_cli
 from experiments.rundir import package_version
 from experiments.training import RunDiverged
-
-from experiments.report import cli as report_cli
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
     commands.register,
     demo.register,
     grid_cli.register,
     report_cli.register,
+    certify.register,
 ]
 """Functions that each add one command (or a group of commands) to the parser."""
 

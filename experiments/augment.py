@@ -27,6 +27,7 @@ may differ in the last bit between CPU and CUDA.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 
@@ -159,4 +160,61 @@ def augmented_batches(
         x, y = data.batch(index)
         if sigma != 0.0 and folds > 1:
             x = x + sigma * augmentation_noise(seed, index, copy, shape).to(x.dtype)
+        yield x, y
+
+
+# --------------------------------------------------------------------------- noise training
+
+_GAUSSIAN_TAG = "momentkit-gaussian-training"
+
+
+def _gaussian_training_key(seed: int) -> int:
+    """64-bit Philox key of noise training: a hash of ``seed``, so that its stream differs
+    from the augmentation copies' (which use ``seed`` itself as the key)."""
+    digest = hashlib.sha256(f"{_GAUSSIAN_TAG}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def gaussian_training_noise(
+    seed: int, index: torch.Tensor, epoch: int, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Unit-variance noise ``(B, *shape)`` of noise training for images ``index`` at ``epoch``.
+
+    ``z(seed, i, epoch)`` is :func:`counter_normal` on the counter ``(i, epoch, block, 0)``
+    with the key :func:`_gaussian_training_key` ``(seed)``: a pure function of
+    ``(seed, i, epoch, pixel)``, so an image gets one fresh draw per epoch, the same
+    whichever batch it lands in and on a resumed run. ``index``: 1-D integer tensor with
+    values in [0, 2**32); ``epoch`` in [0, 2**32). The result lives on ``index``'s device.
+    """
+    if not 0 <= epoch < 2**32:
+        raise ValueError(f"epoch: must lie in [0, 2**32), got {epoch}")
+    copy = torch.full_like(index, epoch, dtype=torch.int64)
+    z = counter_normal(_gaussian_training_key(seed), index, copy, math.prod(shape))
+    return z.reshape(index.shape[0], *shape)
+
+
+def gaussian_noise_batches(
+    data: ImageSet,
+    batch_size: int,
+    sigma: float,
+    seed: int,
+    epoch: int,
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of Gaussian noise training (Cohen et al. 2019): batches ``(x + sigma z, y)``.
+
+    Every training image is visited once, in the order of a permutation drawn on the CPU
+    from ``generator``, with one fresh draw ``z = gaussian_training_noise(seed, i, epoch)``
+    (``i``: its position in ``data``); no clean copies. Noisy images are not clipped.
+    ``seed`` should be the run's seed and ``sigma`` the certification sigma.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be positive, got {batch_size}")
+    shape = tuple(data.images.shape[1:])
+    order = torch.randperm(len(data), generator=generator)
+    for start in range(0, len(data), batch_size):
+        index = order[start : start + batch_size].to(data.device)
+        x, y = data.batch(index)
+        if sigma != 0.0:
+            x = x + sigma * gaussian_training_noise(seed, index, epoch, shape).to(x.dtype)
         yield x, y

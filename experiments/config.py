@@ -16,6 +16,10 @@ Methods:
 * ``augment``: ``folds``-fold noisy data augmentation (the clean set plus
   ``folds - 1`` noisy copies, noise standard deviation ``sigma``); needs ``sigma > 0``,
   ``folds >= 2``, ``alpha = 0``.
+* ``gaussian``: Gaussian noise training as Cohen, Rosenfeld and Kolter (2019) train for
+  randomized smoothing: every training image gets one fresh noise draw of standard
+  deviation ``sigma`` per epoch, no clean copies (:func:`experiments.augment.gaussian_noise_batches`);
+  needs ``sigma > 0``, ``alpha = 0``, ``folds = 1``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 from experiments.data import DATASET_INFO, DATASETS
 from experiments.models import MODELS
 
-METHODS = ("baseline", "moment", "augment")
+METHODS = ("baseline", "moment", "augment", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -150,11 +154,17 @@ class RunConfig:
                 raise ValueError(f"folds: method 'moment' takes folds=1, got {self.folds}")
         else:
             if self.sigma <= 0:
-                raise ValueError(f"sigma: method 'augment' needs sigma > 0, got {self.sigma}")
-            if self.folds < 2:
+                raise ValueError(
+                    f"sigma: method {self.method!r} needs sigma > 0, got {self.sigma}"
+                )
+            if self.method == "augment" and self.folds < 2:
                 raise ValueError(f"folds: method 'augment' needs folds >= 2, got {self.folds}")
+            if self.method == "gaussian" and self.folds != 1:
+                raise ValueError(f"folds: method 'gaussian' takes folds=1, got {self.folds}")
             if self.alpha != 0:
-                raise ValueError(f"alpha: method 'augment' takes alpha=0, got {self.alpha}")
+                raise ValueError(
+                    f"alpha: method {self.method!r} takes alpha=0, got {self.alpha}"
+                )
 
     # ------------------------------------------------------------------ serialization
 

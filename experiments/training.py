@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments import rundir
-from experiments.augment import augmented_batches
+from experiments.augment import augmented_batches, gaussian_noise_batches
 from experiments.checkpoints import (
     CheckpointError,
     best_model_from_checkpoint,
@@ -119,6 +119,10 @@ def _train_batches(config: RunConfig, train: ImageSet, batch_size: int,
     if config.method == "augment":
         return augmented_batches(
             train, batch_size, config.folds, config.sigma, config.seed, generator
+        )
+    if config.method == "gaussian":
+        return gaussian_noise_batches(
+            train, batch_size, config.sigma, config.seed, epoch, generator
         )
     return iterate_batches(train, batch_size, generator=generator)
 

@@ -40,6 +40,7 @@ from momentkit.relu import (
 )
 from momentkit.robustness import RobustnessResult, gaussian_robustness, ring_noise
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
+from momentkit.smoothing import CertifyResult, certified_accuracy, certify, smoothed_predict
 from momentkit.special import (
     bivariate_normal_cdf,
     log_normal_cdf,
@@ -55,6 +56,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "CertifyResult", "certified_accuracy", "certify", "smoothed_predict",
     "ExpectedPrediction",
     "MomentInputError",
     "MomentRegularizedLoss",

@@ -197,13 +197,14 @@ def fair_comparison(
 
 
 def chosen_pairs(fc: FairComparison) -> list[tuple[str, RunRecord, RunRecord]]:
-    """``(name, a, b)`` for ``"moment vs augment"``, ``"moment vs baseline"`` and
-    ``"augment vs baseline"`` between the chosen runs, leaving out a method with none."""
+    """``(name, a, b)`` for ``"moment vs augment"``, ``"moment vs gaussian"``, and each
+    method against the baseline (``"moment vs baseline"``, ...) between the chosen runs,
+    leaving out a method with none."""
     pairs = [
         ("moment vs augment", fc.best.get("moment"), fc.best.get("augment")),
-        ("moment vs baseline", fc.best.get("moment"), fc.baseline),
-        ("augment vs baseline", fc.best.get("augment"), fc.baseline),
+        ("moment vs gaussian", fc.best.get("moment"), fc.best.get("gaussian")),
     ]
+    pairs += [(f"{m} vs baseline", fc.best.get(m), fc.baseline) for m in COMPARED_METHODS]
     return [(name, a, b) for name, a, b in pairs if a is not None and b is not None]
 
 

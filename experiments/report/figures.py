@@ -31,7 +31,7 @@ __all__ = [
     "plot_fair",
 ]
 
-_COLORS = {"baseline": "black", "augment": "tab:blue", "moment": "tab:red"}
+_COLORS = {"baseline": "black", "augment": "tab:blue", "moment": "tab:red", "gaussian": "tab:green"}
 
 
 def figure_slug(setting: Mapping[str, Any]) -> str:

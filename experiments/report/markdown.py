@@ -149,7 +149,8 @@ def _fair_section(
         f"Baseline accuracy {fc.baseline.accuracy:.4f}, tolerance "
         f"{100 * fc.tolerance:.2f} points: runs with accuracy >= {fc.threshold:.4f} "
         f"qualify ({len(fc.qualifying['augment'])} augmentation, "
-        f"{len(fc.qualifying['moment'])} regularizer).",
+        f"{len(fc.qualifying['moment'])} regularizer, "
+        f"{len(fc.qualifying['gaussian'])} Gaussian noise training).",
         "",
     ]
     if fc.flagged:

@@ -58,6 +58,8 @@ def run_label(config: Mapping[str, Any]) -> str:
         return f"augment N~={config.get('folds')} sigma={sigma:g}"
     if method == "moment":
         return f"moment alpha={float(config.get('alpha') or 0):g} sigma={sigma:g}"
+    if method == "gaussian":
+        return f"gaussian sigma={sigma:g}"
     return str(method)
 
 

@@ -82,8 +82,8 @@ def test_ties_in_robustness_go_to_accuracy_then_run_id() -> None:
 def test_no_qualifying_run_and_no_baseline() -> None:
     runs = [record("base", "baseline", 0.9, 0.5), record("m", "moment", 0.5, 1.0)]
     fc = fair_choice(runs, 0.01)
-    assert fc.best == {"moment": None, "augment": None}
-    assert fc.qualifying == {"moment": [], "augment": []}
+    assert fc.best == {"moment": None, "augment": None, "gaussian": None}
+    assert fc.qualifying == {"moment": [], "augment": [], "gaussian": []}
     assert math.isnan(fc.factor)
     assert fair_choice(runs[1:], 0.01) is None
 

@@ -100,7 +100,7 @@ def test_failed_and_flagged_runs_in_the_report(tmp_path: Path) -> None:
     assert "| no (degenerate predictions) |" in text
     summary = _strict((out / "summary.json").read_text())
     setting = summary["settings"][0]
-    assert setting["best"] == {"moment": ok.run_id(), "augment": None}
+    assert setting["best"] == {"moment": ok.run_id(), "augment": None, "gaussian": None}
     assert setting["flagged"] == [flat.run_id()] and setting["factor"] is None
     assert {r["run_id"]: r["kind"] for r in summary["left_out"]} == {
         diverged.run_id(): "diverged",
