@@ -41,7 +41,7 @@ def test_write_report_on_synthetic_runs(tmp_path: Path, capsys: pytest.CaptureFi
     assert report_main(["report", str(root), "--out", str(out), "--bootstrap", "200"]) == 0
     text = (out / "report.md").read_text()
     assert f"Factor R(best moment) / R(best augment) = {0.99 / 0.921875:.4f}" in text
-    assert "qualify (1 augmentation, 1 regularizer)" in text
+    assert "qualify (1 augmentation, 1 regularizer, 0 Gaussian noise training)" in text
     # every run against the baseline: mom1 has one more correct image (+0.25 points), aug6
     # has eight fewer (-2 points) and does not qualify
     assert "| moment alpha=1 sigma=0.5 | 0.9025 | 0.25 [" in text
