@@ -60,7 +60,8 @@ def test_write_report_on_synthetic_runs(tmp_path: Path, capsys: pytest.CaptureFi
     # a different tolerance is a command-line option
     argv = ["report", str(root), "--out", str(out), "--bootstrap", "100"]
     assert report_main(argv + ["--tolerance", "mnist=0.0039"]) == 0
-    assert "qualify (1 augmentation, 2 regularizer)" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "qualify (1 augmentation, 2 regularizer, 0 Gaussian noise training)" in text
     assert report_main(["report", str(root), "--tolerance", "mnist"]) == 2
     assert "DATASET=FRACTION" in capsys.readouterr().err
     assert report_main(["report", str(root), "--tolerance", "mnist=1.5"]) == 2
