@@ -19,7 +19,8 @@ Methods:
 * ``gaussian``: Gaussian noise training as Cohen, Rosenfeld and Kolter (2019) train for
   randomized smoothing: every training image gets one fresh noise draw of standard
   deviation ``sigma`` per epoch, no clean copies
-  (:func:`experiments.augment.gaussian_noise_batches`); needs ``sigma > 0``, ``alpha = 0``, ``folds = 1``.
+  (:func:`experiments.augment.gaussian_noise_batches`); needs ``sigma > 0``,
+  ``alpha = 0``, ``folds = 1``.
 """
 
 from __future__ import annotations
