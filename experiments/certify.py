@@ -33,7 +33,8 @@ from experiments.checkpoints import best_model_from_checkpoint, load_checkpoint
 from experiments.cli import Progress, add_runtime_args, check_device
 from experiments.rundata import prepare_test_data
 from experiments.rundir import CHECKPOINT_FILE, package_version, read_json, write_json_atomic
-from momentkit.smoothing import DEFAULT_RADII, certify, summarize_certificates
+from momentkit.certification import DEFAULT_RADII, summarize_certificates
+from momentkit.smoothing import certify
 
 CHUNK_IMAGES = 10
 """Images certified between two saves of the results file."""

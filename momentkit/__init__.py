@@ -23,6 +23,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from momentkit.affine import Normalize, affine_moments
+from momentkit.certification import certified_accuracy
 from momentkit.errors import MomentInputError
 from momentkit.regularizer import (
     ExpectedPrediction,
@@ -40,7 +41,7 @@ from momentkit.relu import (
 )
 from momentkit.robustness import RobustnessResult, gaussian_robustness, ring_noise
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
-from momentkit.smoothing import CertifyResult, certified_accuracy, certify, smoothed_predict
+from momentkit.smoothing import CertifyResult, certify, smoothed_predict
 from momentkit.special import (
     bivariate_normal_cdf,
     log_normal_cdf,

@@ -14,9 +14,8 @@ the two-class form with ``p_B = 1 - p_A``).
 * :func:`smoothed_predict` is their PREDICT: the top two counts from ``n`` copies,
   abstain unless a two-sided binomial test at level ``alpha`` separates them. With
   probability at least ``1 - alpha`` a non-abstaining answer equals ``g(x)``.
-* :func:`certified_accuracy`, :func:`average_certified_radius`,
-  :func:`certified_accuracy_curve` and :func:`summarize_certificates`: the data-set
-  level numbers (certified accuracy at given radii, the curve, ACR, abstention rate).
+* The data-set level numbers (certified accuracy at given radii, the curve, ACR,
+  abstention rate) are in :mod:`momentkit.certification`.
 
 Noise. ``sigma`` is in the units of ``x`` (pixels in [0, 1] for the experiments' models,
 which normalize inside their first module), so the noise is added to ``x`` as given;
@@ -39,7 +38,6 @@ the noise costs one ``normal_`` per value (see ``benchmarks/bench_certify.py``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,27 +48,20 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
+from momentkit._validate import check_count, check_scalar
 from momentkit.errors import MomentInputError
 
 __all__ = [
-    "DEFAULT_RADII",
     "SAMPLE_BLOCK",
-    "CertificationSummary",
     "CertifyResult",
-    "average_certified_radius",
-    "certified_accuracy",
-    "certified_accuracy_curve",
     "certify",
     "lower_confidence_bound",
     "smoothed_predict",
-    "summarize_certificates",
 ]
 
 #: Noisy copies per generator block: the unit of noise generation (see the module docstring).
 SAMPLE_BLOCK = 100
 
-#: Radii at which :func:`summarize_certificates` reports certified accuracy.
-DEFAULT_RADII: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 _SELECT, _ESTIMATE, _PREDICT = 0, 1, 2
 _TAG = 0x63657274  # "cert": keeps these streams apart from other seeded noise
@@ -124,19 +115,6 @@ def lower_confidence_bound(
     return float(bound) if bound.ndim == 0 else bound
 
 
-def _check_int(value: object, name: str, fn: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise MomentInputError(f"{fn}: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _as_float(value: object, name: str, fn: str) -> float:
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise MomentInputError(f"{fn}: {name} must be a number, got {value!r}") from exc
-
-
 def _check_args(
     fn: str, x: torch.Tensor, sigma: float, alpha: float, batch_size: int, seed: int
 ) -> tuple[float, float, int, int]:
@@ -152,13 +130,12 @@ def _check_args(
         raise MomentInputError(f"{fn}: x holds no images (batch size 0)")
     if not bool(torch.isfinite(x).all()):
         raise MomentInputError(f"{fn}: x contains NaN or infinity")
-    sigma_f, alpha_f = _as_float(sigma, "sigma", fn), _as_float(alpha, "alpha", fn)
-    if not math.isfinite(sigma_f) or sigma_f < 0:
-        raise MomentInputError(f"{fn}: sigma must be finite and >= 0, got {sigma!r}")
-    if not 0.0 < alpha_f < 1.0:
+    sigma_f = check_scalar(sigma, "sigma", fn)
+    alpha_f = check_scalar(alpha, "alpha", fn, upper=1.0)
+    if alpha_f == 0.0:
         raise MomentInputError(f"{fn}: alpha must lie in (0, 1), got {alpha!r}")
-    return (sigma_f, alpha_f, _check_int(batch_size, "batch_size", fn, 1),
-            _check_int(seed, "seed", fn, 0))
+    return (sigma_f, alpha_f, check_count(batch_size, "batch_size", fn, 1),
+            check_count(seed, "seed", fn, 0))
 
 
 def _check_indices(fn: str, indices: Sequence[int] | torch.Tensor | None, b: int) -> list[int]:
@@ -284,7 +261,7 @@ def certify(
     """
     fn = "certify"
     sigma, alpha, batch_size, seed = _check_args(fn, x, sigma, alpha, batch_size, seed)
-    n0, n = _check_int(n0, "n0", fn, 1), _check_int(n, "n", fn, 1)
+    n0, n = check_count(n0, "n0", fn, 1), check_count(n, "n", fn, 1)
     idx = _check_indices(fn, indices, x.shape[0])
     device = _device_of(model, x)
     rows_sel, rows_est, top = [], [], []
@@ -337,7 +314,7 @@ def smoothed_predict(
     """
     fn = "smoothed_predict"
     sigma, alpha, batch_size, seed = _check_args(fn, x, sigma, alpha, batch_size, seed)
-    n = _check_int(n, "n", fn, 1)
+    n = check_count(n, "n", fn, 1)
     idx = _check_indices(fn, indices, x.shape[0])
     device = _device_of(model, x)
     out = []
@@ -351,108 +328,3 @@ def smoothed_predict(
             p_value = stats.binomtest(n_a, n_a + n_b, 0.5).pvalue
             out.append(int(order[0]) if p_value <= alpha else -1)
     return torch.tensor(out, dtype=torch.int64)
-
-
-# --------------------------------------------------------------------------- data-set level
-
-
-@dataclass(frozen=True)
-class CertificationSummary:
-    """Data-set level certification numbers (:func:`summarize_certificates`).
-
-    Attributes:
-        certified_accuracy: ``{radius: fraction}`` at the requested radii.
-        acr: average certified radius (0 for abstained or wrong images).
-        abstain_rate: fraction of images with prediction ``-1``.
-        n_images: number of images.
-        curve_radii, curve_accuracy: the curve of :func:`certified_accuracy_curve`.
-    """
-
-    certified_accuracy: dict[float, float]
-    acr: float
-    abstain_rate: float
-    n_images: int
-    curve_radii: torch.Tensor
-    curve_accuracy: torch.Tensor
-
-
-def _radius_correct(radius: torch.Tensor, correct: torch.Tensor, fn: str
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    r = torch.as_tensor(radius, dtype=torch.float64).reshape(-1).cpu()
-    c = torch.as_tensor(correct).reshape(-1).cpu().bool()
-    if r.shape != c.shape or r.numel() == 0:
-        raise MomentInputError(
-            f"{fn}: radius and correct must be non-empty and of equal length, got "
-            f"{r.numel()} and {c.numel()}")
-    if not bool(torch.isfinite(r).all()) or bool((r < 0).any()):
-        raise MomentInputError(f"{fn}: radius must be finite and >= 0")
-    return r, c
-
-
-def certified_accuracy(
-    radius: torch.Tensor | Sequence[float],
-    correct: torch.Tensor | Sequence[bool],
-    radii: Sequence[float] = DEFAULT_RADII,
-) -> torch.Tensor:
-    """Certified accuracy at each of ``radii``: ``mean_i [correct_i and radius_i >= r]``.
-
-    ``radius``, ``correct``: ``(N,)`` per image (``correct`` is False for abstained
-    images, whose prediction ``-1`` matches no label). Returns float64 ``(len(radii),)``.
-    Raises :class:`MomentInputError` for unequal or empty inputs or negative radii.
-    """
-    r, c = _radius_correct(radius, correct, "certified_accuracy")
-    levels = torch.as_tensor(list(radii), dtype=torch.float64)
-    return ((r[None, :] >= levels[:, None]) & c[None, :]).double().mean(dim=1)
-
-
-def average_certified_radius(
-    radius: torch.Tensor | Sequence[float], correct: torch.Tensor | Sequence[bool]
-) -> float:
-    """ACR: ``mean_i radius_i * correct_i`` (0 for abstained or wrong images)."""
-    r, c = _radius_correct(radius, correct, "average_certified_radius")
-    return float((r * c.double()).mean())
-
-
-def certified_accuracy_curve(
-    radius: torch.Tensor | Sequence[float], correct: torch.Tensor | Sequence[bool]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole curve ``r -> certified accuracy at r``, a non-increasing step function.
-
-    Returns ``(radii, accuracy)``, float64 ``(K,)``: ``radii`` starts at 0 and holds the
-    distinct radii of correct images in increasing order; the certified accuracy is
-    ``accuracy[k]`` on ``(radii[k-1], radii[k]]`` and 0 beyond ``radii[-1]``. Its area,
-    ``sum_k accuracy[k] (radii[k] - radii[k-1])``, is the ACR.
-    """
-    r, c = _radius_correct(radius, correct, "certified_accuracy_curve")
-    levels = torch.unique(torch.cat([torch.zeros(1, dtype=torch.float64), r[c]]))
-    return levels, certified_accuracy(r, c, levels.tolist())
-
-
-def summarize_certificates(
-    prediction: torch.Tensor | Sequence[int],
-    label: torch.Tensor | Sequence[int],
-    radius: torch.Tensor | Sequence[float],
-    radii: Sequence[float] = DEFAULT_RADII,
-) -> CertificationSummary:
-    """Certified accuracy at ``radii``, the curve, ACR and abstention rate of a data set.
-
-    ``prediction`` (``-1`` = abstain), ``label``, ``radius``: ``(N,)`` per image, e.g.
-    from :func:`certify`. An image counts as correct when ``prediction == label``.
-    """
-    pred = torch.as_tensor(prediction).reshape(-1).cpu()
-    lab = torch.as_tensor(label).reshape(-1).cpu()
-    if pred.shape != lab.shape:
-        raise MomentInputError(
-            f"summarize_certificates: prediction and label lengths differ "
-            f"({pred.numel()} and {lab.numel()})")
-    correct = pred == lab
-    acc = certified_accuracy(radius, correct, radii)
-    curve_r, curve_acc = certified_accuracy_curve(radius, correct)
-    return CertificationSummary(
-        certified_accuracy={float(r): float(a) for r, a in zip(radii, acc.tolist(), strict=True)},
-        acr=average_certified_radius(radius, correct),
-        abstain_rate=float((pred == -1).double().mean()),
-        n_images=int(pred.numel()),
-        curve_radii=curve_r,
-        curve_accuracy=curve_acc,
-    )

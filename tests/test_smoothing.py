@@ -23,17 +23,12 @@ import torch
 from scipy import stats
 from torch import nn
 
-import momentkit
 from momentkit.errors import MomentInputError
 from momentkit.smoothing import (
     SAMPLE_BLOCK,
-    average_certified_radius,
-    certified_accuracy,
-    certified_accuracy_curve,
     certify,
     lower_confidence_bound,
     smoothed_predict,
-    summarize_certificates,
 )
 
 SIGMA = 0.5
@@ -245,24 +240,6 @@ def test_cuda_is_deterministic_and_agrees_in_distribution() -> None:
 
 
 # --------------------------------------------------------------------------- summaries
-
-
-def test_data_set_summaries_known_values() -> None:
-    radius = torch.tensor([0.0, 0.3, 0.6, 1.2, 0.8, 0.0])
-    label = torch.tensor([0, 1, 2, 3, 4, 5])
-    prediction = torch.tensor([0, 1, 2, 3, 9, -1])  # image 4 wrong, image 5 abstains
-    correct = prediction == label
-    acc = certified_accuracy(radius, correct, (0.0, 0.25, 0.5, 0.75, 1.0, 2.0))
-    assert acc.tolist() == pytest.approx([4 / 6, 3 / 6, 2 / 6, 1 / 6, 1 / 6, 0.0])
-    assert average_certified_radius(radius, correct) == pytest.approx(2.1 / 6)
-    radii, curve = certified_accuracy_curve(radius, correct)
-    assert radii.tolist() == pytest.approx([0.0, 0.3, 0.6, 1.2])
-    area = float((curve[1:] * radii.diff()).sum())
-    assert area == pytest.approx(average_certified_radius(radius, correct), rel=1e-12)
-    summary = summarize_certificates(prediction, label, radius)
-    assert summary.abstain_rate == pytest.approx(1 / 6) and summary.n_images == 6
-    assert summary.certified_accuracy[0.5] == pytest.approx(2 / 6)
-    assert momentkit.certified_accuracy is certified_accuracy
 
 
 # --------------------------------------------------------------------------- bad input
