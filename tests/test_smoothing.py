@@ -87,6 +87,7 @@ def test_lower_bound_coverage_is_exact(n: int, alpha: float) -> None:
         assert miss <= alpha * (1 + 1e-9), (p, miss)
 
 
+@pytest.mark.slow
 def test_certify_coverage_by_simulation() -> None:
     """End to end: how often p_lower exceeds the true probability of the selected class."""
     model, w, b = linear_classifier(1)
@@ -122,6 +123,7 @@ def test_soundness_never_above_the_distance_to_the_boundary() -> None:
     assert int(answered.sum()) > n_images // 2  # most points are far enough to certify
 
 
+@pytest.mark.slow
 def test_tightness_reaches_the_exact_radius() -> None:
     """With n = 1e5, radii in [0.25, 2) sigma are certified to at least 90 %.
 
@@ -151,6 +153,7 @@ def test_tightness_reaches_the_exact_radius() -> None:
     assert bool((res.radius <= exact).all())
 
 
+@pytest.mark.slow
 def test_abstains_at_the_boundary() -> None:
     model, w, b = linear_classifier(10)
     n_images, alpha = 20, 0.001

@@ -37,6 +37,7 @@ def test_tiny_run_on_synthetic_data(tmp_path: Path):
     assert exact and all(r["max_abs_z"] < 5 for r in exact)
 
 
+@pytest.mark.slow
 def test_same_seed_same_rows(tmp_path: Path):
     cfg = SuiteConfig(out_dir=tmp_path, quick=True, seed=2, data_root=None, progress=False)
     tiny = {
