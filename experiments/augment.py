@@ -5,7 +5,7 @@ of every image: copy ``c`` of image ``i`` is ``x_i + sigma * z(seed, i, c)`` for
 ``c = 1 .. N~-1`` and ``x_i`` itself for ``c = 0``. The noisy copies are never
 materialized: an epoch visits the ``N~ * n`` pairs ``(i, c)`` in a shuffled order and
 draws ``z(seed, i, c)`` when the pair's batch is formed. Noisy images are not clipped
-to [0, 1] (DESIGN.md, "Noise lives in pixel space").
+to [0, 1]: the noise model is Gaussian in pixel space, as for the moment regularizer.
 
 The noise is a pure function of ``(seed, i, c, pixel)``, so every image and every
 copy gets its own pattern, and the same pattern again in every epoch, whatever batch
@@ -13,15 +13,20 @@ the pair lands in, on a resumed run as well. It is produced by the counter-based
 generator Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy
 as 1, 2, 3", SC 2011) evaluated on the counter ``(i, c, block, 0)`` with the 64-bit
 ``seed`` as its key: one evaluation gives four 32-bit words, that is two Box-Muller
-pairs, so four normal values for pixels ``4 * block .. 4 * block + 3``. Everything is
-vectorized integer arithmetic on tensors of the batch's device.
+pairs, so four normal values for pixels ``4 * block .. 4 * block + 3``. On the CPU a
+compiled loop (:mod:`experiments._philox_numba`) evaluates it; on other devices
+vectorized integer arithmetic on tensors of the batch's device does.
 
-Accuracy: the 32-bit words match Random123's known-answer vectors exactly. Uniforms
-use the top 24 bits, ``u = (w >> 8 + 1/2) / 2**24`` in (0, 1), so the normals are
-exact Box-Muller transforms of a 24-bit lattice: their tails are cut at
-``sqrt(2 ln 2**25) = 5.9`` standard deviations (probability ``4e-9`` per value).
-The integer stream is identical on every device; the float transform (log, cos, sin)
-may differ in the last bit between CPU and CUDA.
+Accuracy: the 32-bit words match Random123's known-answer vectors exactly, on both
+paths. Uniforms use the top 24 bits, ``u = (float32(w >> 8) + 1/2) * 2**-24`` in float32
+arithmetic: exact for ``w >> 8 < 2**23``, rounded to an even multiple of ``2**-24``
+above, so ``u`` lies in ``[2**-25, 1]`` and is the same float on every path. The
+normals are Box-Muller transforms of these uniforms in float32: their tails are cut at
+``sqrt(2 ln 2**25) = 5.9`` standard deviations (probability ``4e-9`` per value). The
+integer stream and the uniforms are identical on every device and path; the float
+transform (log, cos, sin) may differ by a few float32 ulps between the CPU kernel, the
+torch path on the CPU and CUDA (the test suite bounds the CPU kernel against the torch
+path by 4 ulps of the value).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
+from experiments import _philox_numba
 from experiments.data import ImageSet
 
 _MASK32 = 0xFFFFFFFF
@@ -88,7 +95,10 @@ def counter_normal(
 
     ``index``, ``copy``: 1-D integer tensors ``(B,)`` with values in [0, 2**32); the
     result ``(B, num_values)`` lives on their device. A pure function of its arguments:
-    the same ``(seed, index, copy, j)`` always gives the same value.
+    the same ``(seed, index, copy, j)`` always gives the same value on a given device.
+    ``seed`` is reduced modulo ``2**64``; ``dtype`` is the result's dtype (the values
+    are computed in float32). Raises ``ValueError`` for mismatched shapes or
+    ``num_values < 1``.
     """
     if index.dim() != 1 or index.shape != copy.shape:
         raise ValueError(
@@ -97,6 +107,32 @@ def counter_normal(
         )
     if num_values < 1:
         raise ValueError(f"num_values: must be positive, got {num_values}")
+    if index.device.type == "cpu":
+        return _counter_normal_cpu(seed, index, copy, num_values).to(dtype)
+    return _counter_normal_torch(seed, index, copy, num_values).to(dtype)
+
+
+def _counter_normal_cpu(
+    seed: int, index: torch.Tensor, copy: torch.Tensor, num_values: int
+) -> torch.Tensor:
+    """float32 ``(B, num_values)`` from the compiled kernel (:mod:`experiments._philox_numba`)."""
+    seed &= (1 << 64) - 1
+    out = np.empty((index.shape[0], num_values), dtype=np.float32)
+    _philox_numba.counter_normal_kernel(
+        index.to(torch.int64).numpy().astype(np.uint64),
+        copy.to(device="cpu", dtype=torch.int64).numpy().astype(np.uint64),
+        seed & _MASK32,
+        seed >> 32,
+        PHILOX_ROUNDS,
+        out,
+    )
+    return torch.from_numpy(out)
+
+
+def _counter_normal_torch(
+    seed: int, index: torch.Tensor, copy: torch.Tensor, num_values: int
+) -> torch.Tensor:
+    """float32 ``(B, num_values)`` by tensor operations on ``index``'s device."""
     device = index.device
     blocks = (num_values + 3) // 4
     seed &= (1 << 64) - 1
@@ -109,7 +145,7 @@ def counter_normal(
         ),
         (seed & _MASK32, seed >> 32),
     )
-    # top 24 bits -> (0, 1); float32 represents these lattice points exactly
+    # top 24 bits -> (0, 1]; float32 arithmetic (see the module docstring)
     u = [((w >> 8).to(torch.float32) + 0.5) * 2.0**-24 for w in words]
     normals = []
     for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
@@ -117,7 +153,7 @@ def counter_normal(
         angle = (2.0 * math.pi) * u2
         normals += [radius * torch.cos(angle), radius * torch.sin(angle)]
     z = torch.stack(normals, dim=-1).reshape(index.shape[0], 4 * blocks)
-    return z[:, :num_values].to(dtype)
+    return z[:, :num_values]
 
 
 def augmentation_noise(
