@@ -11,7 +11,8 @@ model, interleaved round by round so that a busy machine slows all three alike:
   (``folds``-fold augmentation: clean images and noisy copies, noise drawn per batch);
 * ``gaussian``: Gaussian noise training in the style of Cohen et al. (2019),
   ``CE(Phi(x + sigma z), y)`` with one fresh draw per image and epoch,
-  ``z = counter_normal(seed, i, epoch)`` (:func:`gaussian_batches`).
+  ``z = counter_normal(seed, i, epoch)`` added in place by
+  :func:`experiments.augment.add_counter_normal_` (:func:`gaussian_batches`).
 
 ``--batch-sizes`` times several batch sizes in the same rounds (one model per batch
 size), so that all ratios of a run are measured under the same load. Reported per
@@ -57,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments import _philox_numba
-from experiments.augment import augmented_batches, counter_normal
+from experiments.augment import add_counter_normal_, augmented_batches
 from experiments.data import ImageSet, iterate_batches, load_dataset
 from experiments.models import lenet
 from momentkit import regularizer
@@ -142,15 +143,14 @@ def gaussian_batches(data: ImageSet, batch_size: int, sigma: float, seed: int, e
     """One epoch of Gaussian noise training: ``x_i + sigma z(seed, i, epoch)`` per batch.
 
     Every image gets one fresh draw per epoch (a step visits an image once per epoch),
-    a pure function of ``(seed, i, epoch)`` (:func:`experiments.augment.counter_normal`).
+    a pure function of ``(seed, i, epoch)`` (:func:`experiments.augment.counter_normal`),
+    added in place (:func:`experiments.augment.add_counter_normal_`).
     """
     order = torch.randperm(len(data), generator=generator)
-    shape = data.images.shape[1:]
     for start in range(0, len(data), batch_size):
         index = order[start : start + batch_size].to(data.device)
         x, y = data.batch(index)
-        z = counter_normal(seed, index, torch.full_like(index, epoch), math.prod(shape))
-        yield x.add_(z.view_as(x), alpha=sigma), y
+        yield add_counter_normal_(x, seed, index, torch.full_like(index, epoch), sigma), y
 
 
 def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
@@ -172,10 +172,14 @@ def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
 
 def make_step(method: str, model: nn.Module, opt: torch.optim.Optimizer,
               batches: Iterator, args: argparse.Namespace, device: torch.device
-              ) -> Callable[[], None]:
-    def step() -> None:
+              ) -> Callable[[], float]:
+    def step() -> float:
+        """One training step; returns the seconds spent forming the batch (noise included)."""
+        t0 = time.perf_counter()
         x, y = next(batches)
         x, y = x.to(device), y.to(device)
+        sync(device)
+        formed = time.perf_counter() - t0
         opt.zero_grad(set_to_none=True)
         if method == "moment":
             loss = moment_regularized_loss(model, x, y, args.sigma, args.alpha)[0]
@@ -190,6 +194,7 @@ def make_step(method: str, model: nn.Module, opt: torch.optim.Optimizer,
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        return formed
     return step
 
 
@@ -210,40 +215,48 @@ def setup(args: argparse.Namespace, train: ImageSet, device: torch.device):
     return model, steps
 
 
-def time_steps(args: argparse.Namespace, train: ImageSet, device: torch.device
-               ) -> tuple[dict[int, dict[str, list[float]]], list[list[float]]]:
-    """Step times per batch size and method, and the load averages before every round.
+def time_steps(args: argparse.Namespace, train: ImageSet, device: torch.device):
+    """Step and batch-forming times per batch size and method; load averages per round.
 
     A round runs one step of every method at every batch size, so all of them see the
-    same load; the first ``args.warmup`` rounds are not kept.
+    same load; round ``r`` starts with method ``r mod k`` (of ``k``), so that no method
+    always follows the same one. The first ``args.warmup`` rounds are not kept.
+    Returns ``(step_times, forming_times, load)``: ``{batch: {method: [seconds]}}``
+    twice and the 1/5/15-minute load averages before every round and after the last.
     """
     steps = {bs: setup(argparse.Namespace(**{**vars(args), "batch_size": bs}), train,
                        device)[1] for bs in args.batch_sizes}
     times = {bs: {m: [] for m in steps[bs]} for bs in steps}
+    forming = {bs: {m: [] for m in steps[bs]} for bs in steps}
     load = []
     for r in tqdm(range(args.warmup + args.repeats), desc="timing rounds"):
         load.append(list(os.getloadavg()))
         for bs in steps:
-            for method in steps[bs]:
+            methods = list(steps[bs])
+            for method in methods[r % len(methods):] + methods[:r % len(methods)]:
                 sync(device)
                 t0 = time.perf_counter()
-                steps[bs][method]()
+                formed = steps[bs][method]()
                 sync(device)
                 if r >= args.warmup:
                     times[bs][method].append(time.perf_counter() - t0)
+                    forming[bs][method].append(formed)
     load.append(list(os.getloadavg()))
-    return times, load
+    return times, forming, load
 
 
-def summarize(times: dict[str, list[float]], batch_size: int, args: argparse.Namespace,
-              n_train: int) -> dict:
+def summarize(times: dict[str, list[float]], forming: dict[str, list[float]],
+              batch_size: int, args: argparse.Namespace, n_train: int) -> dict:
     """Medians, ratios to ``plain`` and extrapolated epochs of one batch size's times."""
     median = {m: statistics.median(t) for m, t in times.items()}
     steps_per_epoch = math.ceil(n_train / batch_size)
     epoch = {m: steps_per_epoch * median[m] * (args.folds if m == "augment" else 1)
              for m in median}
     results: dict = {"batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
-                     "step_seconds": times, "median_step_seconds": median}
+                     "step_seconds": times, "median_step_seconds": median,
+                     "batch_forming_seconds": forming,
+                     "median_batch_forming_seconds": {
+                         m: statistics.median(t) for m, t in forming.items()}}
     for m in median:
         if m == "plain":
             continue
@@ -373,8 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     info = machine_info(device)  # before the run: the code state that was imported
     train, n_train = load_train(args)
-    times, load = time_steps(args, train, device)
-    by_size = {bs: summarize(times[bs], bs, args, n_train) for bs in args.batch_sizes}
+    times, forming, load = time_steps(args, train, device)
+    by_size = {bs: summarize(times[bs], forming[bs], bs, args, n_train)
+               for bs in args.batch_sizes}
     results = dict(by_size[args.batch_size])
     results["load_average_before_rounds"] = load
     results["results_by_batch_size"] = {str(bs): r for bs, r in by_size.items()}
@@ -396,8 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     for bs, r in by_size.items():
         print(f"batch {bs}:")
         for m, t in r["median_step_seconds"].items():
-            line = f"  {m:12s} step {t:8.3f} s   epoch (extrapolated) " \
-                   f"{r['epoch_seconds_extrapolated'][m]:9.1f} s"
+            line = (f"  {m:12s} step {t:8.3f} s (forming the batch "
+                    f"{r['median_batch_forming_seconds'][m]:.4f} s)   epoch (extrapolated) "
+                    f"{r['epoch_seconds_extrapolated'][m]:9.1f} s")
             if m != "plain":
                 per_round = sorted(r[f"step_ratio_{m}_over_plain_per_round"])
                 line += (f"   / plain {r[f'step_ratio_{m}_over_plain']:.3f} (median of rounds "

@@ -81,10 +81,22 @@ def _radius(u):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def counter_normal_kernel(index, copy, k0, k1, rounds, out):  # pragma: no cover - compiled
+def _store(out, b, j, z, scale, add):  # pragma: no cover - compiled
+    if add:
+        out[b, j] += scale * z
+    else:
+        out[b, j] = z
+
+
+@njit(cache=True)
+def counter_normal_kernel(index, copy, k0, k1, rounds, out, scale, add, skip_copy_zero
+                          ):  # pragma: no cover - compiled
     """Fill float32 ``out`` ``(B, V)`` with ``z(seed, index[b], copy[b], j)``, ``j < V``.
 
     ``index``, ``copy``: uint64 ``(B,)`` in [0, 2**32); ``k0``, ``k1``: the key words.
+    With ``add`` False it stores ``z`` (``scale`` unused); with ``add`` True it adds
+    ``scale * z`` (float32 arithmetic) to ``out`` in place. ``skip_copy_zero`` leaves the
+    rows with ``copy == 0`` (the clean copy of augmentation) as they are.
     """
     two_pi = np.float32(2.0 * math.pi)
     num_values = out.shape[1]
@@ -92,6 +104,8 @@ def counter_normal_kernel(index, copy, k0, k1, rounds, out):  # pragma: no cover
     key0 = np.uint64(k0)
     key1 = np.uint64(k1)
     for b in range(out.shape[0]):
+        if skip_copy_zero and copy[b] == 0:
+            continue
         for block in range(blocks):
             w0, w1, w2, w3 = _philox_block(index[b], copy[b], np.uint64(block),
                                            np.uint64(0), key0, key1, rounds)
@@ -105,14 +119,18 @@ def counter_normal_kernel(index, copy, k0, k1, rounds, out):  # pragma: no cover
                     u1, u2 = _uniform(w2), _uniform(w3)
                 radius = _radius(u1)
                 angle = two_pi * u2
-                out[b, j] = radius * np.float32(math.cos(np.float64(angle)))
+                _store(out, b, j, radius * np.float32(math.cos(np.float64(angle))), scale, add)
                 if j + 1 < num_values:
-                    out[b, j + 1] = radius * np.float32(math.sin(np.float64(angle)))
+                    _store(out, b, j + 1, radius * np.float32(math.sin(np.float64(angle))),
+                           scale, add)
                 j += 2
 
 
 def warm_up() -> None:
     """Compile (or load from the cache) the kernels, so that no timed step pays for it."""
     index = np.zeros(1, dtype=np.uint64)
-    counter_normal_kernel(index, index, 0, 0, 10, np.empty((1, 4), dtype=np.float32))
+    counter_normal_kernel(index, index, 0, 0, 10, np.empty((1, 4), dtype=np.float32),
+                          np.float32(1.0), False, False)
+    counter_normal_kernel(index, index, 0, 0, 10, np.zeros((1, 4), dtype=np.float32),
+                          np.float32(1.0), True, True)
     philox4x32_words(np.zeros((1, 4), dtype=np.uint64), 0, 0, 10)

@@ -112,12 +112,59 @@ def counter_normal(
     return _counter_normal_torch(seed, index, copy, num_values).to(dtype)
 
 
-def _counter_normal_cpu(
-    seed: int, index: torch.Tensor, copy: torch.Tensor, num_values: int
+def add_counter_normal_(
+    x: torch.Tensor,
+    seed: int,
+    index: torch.Tensor,
+    copy: torch.Tensor,
+    sigma: float,
+    *,
+    clean_copy_zero: bool = False,
 ) -> torch.Tensor:
-    """float32 ``(B, num_values)`` from the compiled kernel (:mod:`experiments._philox_numba`)."""
+    """``x[b] += sigma * z(seed, index[b], copy[b])`` in place; returns ``x``.
+
+    ``x``: ``(B, ...)`` with ``B = len(index)``; the noise has ``x[b].numel()`` values per
+    row (see :func:`counter_normal`), reshaped to ``x.shape[1:]``. With
+    ``clean_copy_zero`` the rows with ``copy == 0`` are left as they are. The result is
+    ``x + sigma * noise`` in float32 arithmetic, the same floats as adding the output
+    of :func:`counter_normal`. On the CPU, for a contiguous float32 ``x``, it is one
+    compiled pass over ``x`` (no temporary tensors: on a busy CPU every extra tensor
+    operation of a batch costs milliseconds). Raises ``ValueError`` as
+    :func:`counter_normal` does, or when ``x`` has not ``len(index)`` rows.
+    """
+    if x.dim() < 1 or x.shape[0] != index.shape[0]:
+        raise ValueError(
+            f"x: expected {tuple(index.shape)[:1]} rows, got shape {tuple(x.shape)}"
+        )
+    num_values = math.prod(x.shape[1:])
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+        counter_normal(seed, index, copy, 1)  # argument checks only
+        _counter_normal_cpu(seed, index, copy, num_values,
+                            x.numpy().reshape(x.shape[0], num_values), sigma, clean_copy_zero)
+        return x
+    noise = counter_normal(seed, index, copy, num_values)
+    if clean_copy_zero:
+        noise = noise * (copy != 0).to(noise.dtype).unsqueeze(1)
+    return x.add_(sigma * noise.reshape(x.shape).to(x.dtype))
+
+
+def _counter_normal_cpu(
+    seed: int,
+    index: torch.Tensor,
+    copy: torch.Tensor,
+    num_values: int,
+    add_to: np.ndarray | None = None,
+    scale: float = 1.0,
+    skip_copy_zero: bool = False,
+) -> torch.Tensor:
+    """float32 ``(B, num_values)`` from the compiled kernel (:mod:`experiments._philox_numba`).
+
+    With ``add_to`` (float32 ``(B, num_values)``, C-contiguous) it adds ``scale * z`` to
+    its rows in place (not to rows with ``copy == 0`` if ``skip_copy_zero``) and returns
+    it as a tensor.
+    """
     seed &= (1 << 64) - 1
-    out = np.empty((index.shape[0], num_values), dtype=np.float32)
+    out = np.empty((index.shape[0], num_values), dtype=np.float32) if add_to is None else add_to
     _philox_numba.counter_normal_kernel(
         index.to(torch.int64).numpy().astype(np.uint64),
         copy.to(device="cpu", dtype=torch.int64).numpy().astype(np.uint64),
@@ -125,6 +172,9 @@ def _counter_normal_cpu(
         seed >> 32,
         PHILOX_ROUNDS,
         out,
+        np.float32(scale),
+        add_to is not None,
+        skip_copy_zero,
     )
     return torch.from_numpy(out)
 
@@ -186,12 +236,11 @@ def augmented_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
     n = len(data)
-    shape = tuple(data.images.shape[1:])
     order = torch.randperm(folds * n, generator=generator)
     for start in range(0, folds * n, batch_size):
         pairs = order[start : start + batch_size].to(data.device)
         index, copy = pairs % n, pairs // n
         x, y = data.batch(index)
         if sigma != 0.0 and folds > 1:
-            x = x + sigma * augmentation_noise(seed, index, copy, shape).to(x.dtype)
+            add_counter_normal_(x, seed, index, copy, sigma, clean_copy_zero=True)
         yield x, y

@@ -15,6 +15,7 @@ from experiments.augment import (
     _counter_normal_cpu,
     _counter_normal_torch,
     _mulhilo,
+    add_counter_normal_,
     augmentation_noise,
     augmented_batches,
     counter_normal,
@@ -97,6 +98,23 @@ def test_counter_normal_uses_the_compiled_kernel_on_the_cpu() -> None:
     assert torch.equal(z, _counter_normal_cpu(9, index, copy, 10))
     z64 = counter_normal(9, index, copy, 10, dtype=torch.float64)
     assert z64.dtype == torch.float64 and torch.equal(z64, z.double())
+
+
+@pytest.mark.parametrize("clean_copy_zero", [False, True])
+def test_add_counter_normal_equals_adding_counter_normal(clean_copy_zero) -> None:
+    gen = torch.Generator().manual_seed(6)
+    index, copy = torch.randint(0, 1000, (6,), generator=gen), torch.tensor([0, 1, 2, 0, 5, 9])
+    x = torch.rand(6, 2, 3, 5, generator=gen)
+    z = counter_normal(3, index, copy, 30).reshape(x.shape)
+    if clean_copy_zero:
+        z[copy == 0] = 0.0
+    expected = x + 0.3 * z  # float32 arithmetic, the same floats in place
+    # the compiled in-place pass on a contiguous float32 batch, and the tensor fallback
+    for batch in (x.clone(), x.clone().transpose(2, 3).contiguous().transpose(2, 3)):
+        out = add_counter_normal_(batch, 3, index, copy, 0.3, clean_copy_zero=clean_copy_zero)
+        assert out is batch and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="x: expected"):
+        add_counter_normal_(x[:5], 3, index, copy, 0.3)
 
 
 def test_mulhilo_equals_exact_integer_product() -> None:
