@@ -37,7 +37,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from experiments import _philox_numba
 from experiments.data import ImageSet
 
 _MASK32 = 0xFFFFFFFF
@@ -163,6 +162,8 @@ def _counter_normal_cpu(
     its rows in place (not to rows with ``copy == 0`` if ``skip_copy_zero``) and returns
     it as a tensor.
     """
+    from experiments import _philox_numba  # imports numba: only when noise is drawn
+
     seed &= (1 << 64) - 1
     out = np.empty((index.shape[0], num_values), dtype=np.float32) if add_to is None else add_to
     _philox_numba.counter_normal_kernel(
