@@ -99,6 +99,13 @@ def counter_normal(
     are computed in float32). Raises ``ValueError`` for mismatched shapes or
     ``num_values < 1``.
     """
+    _check_pairs(index, copy, num_values)
+    if index.device.type == "cpu":
+        return _counter_normal_cpu(seed, index, copy, num_values).to(dtype)
+    return _counter_normal_torch(seed, index, copy, num_values).to(dtype)
+
+
+def _check_pairs(index: torch.Tensor, copy: torch.Tensor, num_values: int) -> None:
     if index.dim() != 1 or index.shape != copy.shape:
         raise ValueError(
             f"index, copy: expected equal 1-D shapes, got {tuple(index.shape)} and "
@@ -106,9 +113,6 @@ def counter_normal(
         )
     if num_values < 1:
         raise ValueError(f"num_values: must be positive, got {num_values}")
-    if index.device.type == "cpu":
-        return _counter_normal_cpu(seed, index, copy, num_values).to(dtype)
-    return _counter_normal_torch(seed, index, copy, num_values).to(dtype)
 
 
 def add_counter_normal_(
@@ -137,7 +141,7 @@ def add_counter_normal_(
         )
     num_values = math.prod(x.shape[1:])
     if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
-        counter_normal(seed, index, copy, 1)  # argument checks only
+        _check_pairs(index, copy, num_values)
         _counter_normal_cpu(seed, index, copy, num_values,
                             x.numpy().reshape(x.shape[0], num_values), sigma, clean_copy_zero)
         return x
