@@ -140,7 +140,8 @@ def add_counter_normal_(
             f"x: expected {tuple(index.shape)[:1]} rows, got shape {tuple(x.shape)}"
         )
     num_values = math.prod(x.shape[1:])
-    if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
+    compiled = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+    if compiled and x.is_contiguous():
         _check_pairs(index, copy, num_values)
         _counter_normal_cpu(seed, index, copy, num_values,
                             x.numpy().reshape(x.shape[0], num_values), sigma, clean_copy_zero)
