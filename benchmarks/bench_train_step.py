@@ -8,12 +8,20 @@ model, interleaved round by round so that a busy machine slows all three alike:
 * ``moment``: ``CE(Phi(x), y) + alpha CE(Omega(mu3), y)``
   (:func:`momentkit.regularizer.moment_regularized_loss`);
 * ``augment``: ``CE(Phi(x~), y)`` on batches of :func:`experiments.augment.augmented_batches`
-  (``folds``-fold augmentation: clean images and noisy copies, noise drawn per batch).
+  (``folds``-fold augmentation: clean images and noisy copies, noise drawn per batch);
+* ``gaussian``: Gaussian noise training in the style of Cohen et al. (2019),
+  ``CE(Phi(x + sigma z), y)`` with one fresh draw per image and epoch,
+  ``z = counter_normal(seed, i, epoch)`` added in place by
+  :func:`experiments.augment.add_counter_normal_` (:func:`gaussian_batches`).
 
-Reported: the median time per step of each, the ratio ``moment / plain`` (the
-requirement is at most 2.5), the time of one epoch over the 90 % training split
-(``ceil(n / batch)`` steps for plain and moment, ``folds`` times as many for
-augmentation; extrapolated from the step times, not run), and the peak memory of
+``--batch-sizes`` times several batch sizes in the same rounds (one model per batch
+size), so that all ratios of a run are measured under the same load. Reported per
+batch size: the median time per step of each method, the ratios to ``plain`` (the
+medians' ratio and the median of the per-round ratios; the requirements are at most
+2.5 for ``moment`` and at most 1.1 for ``augment`` and ``gaussian``), the time of one
+epoch over the 90 % training split (``ceil(n / batch)`` steps, ``folds`` times as many
+for augmentation; extrapolated from the step times, not run), the load average of the
+machine around every round, and the peak memory of
 each method, measured in a fresh subprocess per method (peak RSS from
 ``resource.getrusage`` on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
 ``--profile`` adds a profile of the regularized step. ``--naive-relu-mean`` adds a
@@ -25,7 +33,8 @@ Gaussian mean; it is not a method to train with.
 Results go to a JSON file whose ``config`` records the arguments, the versions and the
 machine. Run by hand, never in CI::
 
-    MOMENTKIT_DATA=../shared/data python benchmarks/bench_train_step.py --device cpu
+    MOMENTKIT_DATA=../shared/data python benchmarks/bench_train_step.py --device cpu \
+        --batch-sizes 100 200 1000 --folds 2 --no-memory
 """
 
 from __future__ import annotations
@@ -34,7 +43,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,16 +53,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _machine import machine_info, proc_status_kb, reset_peak_rss
 from torch import nn
 from tqdm.auto import tqdm
 
-from experiments.augment import augmented_batches
+from experiments import _philox_numba
+from experiments.augment import add_counter_normal_, augmented_batches
 from experiments.data import ImageSet, iterate_batches, load_dataset
 from experiments.models import lenet
 from momentkit import regularizer
 from momentkit.regularizer import moment_regularized_loss
 
-METHODS = ("plain", "moment", "augment")
+METHODS = ("plain", "moment", "augment", "gaussian")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -91,6 +101,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="uniform random images instead of MNIST (changes the cost of the "
                         "rectified-Gaussian mean, which depends on the data)")
     p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="time these batch sizes in the same rounds (overrides --batch-size; "
+                        "memory and profile use the first)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="methods to time (plain is always timed)")
     p.add_argument("--sigma", type=float, default=0.5, help="training noise std (pixels)")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--folds", type=int, default=21, help="augmentation folds N~")
@@ -104,7 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--output", default=str(REPO / "out" / "bench_train_step.json"))
     p.add_argument("--worker", choices=METHODS, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.batch_sizes = args.batch_sizes or [args.batch_size]
+    args.batch_size = args.batch_sizes[0]
+    args.methods = ["plain", *(m for m in METHODS[1:] if m in args.methods)]
+    return args
 
 
 def load_train(args: argparse.Namespace) -> tuple[ImageSet, int]:
@@ -119,6 +138,21 @@ def load_train(args: argparse.Namespace) -> tuple[ImageSet, int]:
     return train, len(train) - round(0.1 * len(train))
 
 
+def gaussian_batches(data: ImageSet, batch_size: int, sigma: float, seed: int, epoch: int,
+                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of Gaussian noise training: ``x_i + sigma z(seed, i, epoch)`` per batch.
+
+    Every image gets one fresh draw per epoch (a step visits an image once per epoch),
+    a pure function of ``(seed, i, epoch)`` (:func:`experiments.augment.counter_normal`),
+    added in place (:func:`experiments.augment.add_counter_normal_`).
+    """
+    order = torch.randperm(len(data), generator=generator)
+    for start in range(0, len(data), batch_size):
+        index = order[start : start + batch_size].to(data.device)
+        x, y = data.batch(index)
+        yield add_counter_normal_(x, seed, index, torch.full_like(index, epoch), sigma), y
+
+
 def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches as the method's training loop forms them (epoch after epoch)."""
@@ -128,6 +162,9 @@ def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
         if method == "augment":
             yield from augmented_batches(train, args.batch_size, args.folds, args.sigma,
                                          args.seed, gen)
+        elif method == "gaussian":
+            yield from gaussian_batches(train, args.batch_size, args.sigma, args.seed, epoch,
+                                        gen)
         else:
             yield from iterate_batches(train, args.batch_size, generator=gen)
         epoch += 1
@@ -135,10 +172,14 @@ def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
 
 def make_step(method: str, model: nn.Module, opt: torch.optim.Optimizer,
               batches: Iterator, args: argparse.Namespace, device: torch.device
-              ) -> Callable[[], None]:
-    def step() -> None:
+              ) -> Callable[[], float]:
+    def step() -> float:
+        """One training step; returns the seconds spent forming the batch (noise included)."""
+        t0 = time.perf_counter()
         x, y = next(batches)
         x, y = x.to(device), y.to(device)
+        sync(device)
+        formed = time.perf_counter() - t0
         opt.zero_grad(set_to_none=True)
         if method == "moment":
             loss = moment_regularized_loss(model, x, y, args.sigma, args.alpha)[0]
@@ -153,6 +194,7 @@ def make_step(method: str, model: nn.Module, opt: torch.optim.Optimizer,
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
+        return formed
     return step
 
 
@@ -166,48 +208,70 @@ def setup(args: argparse.Namespace, train: ImageSet, device: torch.device):
     train = train.to(device)
     model = lenet("mnist").to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
-    methods = (*METHODS, "moment_naive") if args.naive_relu_mean else METHODS
+    _philox_numba.warm_up()  # compile (or load) the noise kernel outside the timed steps
+    methods = (*args.methods, "moment_naive") if args.naive_relu_mean else args.methods
     steps = {m: make_step(m, model, opt, batch_stream(m, train, args), args, device)
              for m in methods}
     return model, steps
 
 
-def time_steps(args: argparse.Namespace, train: ImageSet, device: torch.device
-               ) -> dict[str, list[float]]:
-    _, steps = setup(args, train, device)
-    times: dict[str, list[float]] = {m: [] for m in steps}
-    rounds = args.warmup + args.repeats
-    for r in tqdm(range(rounds), desc="timing rounds"):
-        for method in steps:
-            sync(device)
-            t0 = time.perf_counter()
-            steps[method]()
-            sync(device)
-            if r >= args.warmup:
-                times[method].append(time.perf_counter() - t0)
-    return times
+def time_steps(args: argparse.Namespace, train: ImageSet, device: torch.device):
+    """Step and batch-forming times per batch size and method; load averages per round.
+
+    A round runs one step of every method at every batch size, so all of them see the
+    same load; round ``r`` starts with method ``r mod k`` (of ``k``), so that no method
+    always follows the same one. The first ``args.warmup`` rounds are not kept.
+    Returns ``(step_times, forming_times, load)``: ``{batch: {method: [seconds]}}``
+    twice and the 1/5/15-minute load averages before every round and after the last.
+    """
+    steps = {bs: setup(argparse.Namespace(**{**vars(args), "batch_size": bs}), train,
+                       device)[1] for bs in args.batch_sizes}
+    times = {bs: {m: [] for m in steps[bs]} for bs in steps}
+    forming = {bs: {m: [] for m in steps[bs]} for bs in steps}
+    load = []
+    for r in tqdm(range(args.warmup + args.repeats), desc="timing rounds"):
+        load.append(list(os.getloadavg()))
+        for bs in steps:
+            methods = list(steps[bs])
+            for method in methods[r % len(methods):] + methods[:r % len(methods)]:
+                sync(device)
+                t0 = time.perf_counter()
+                formed = steps[bs][method]()
+                sync(device)
+                if r >= args.warmup:
+                    times[bs][method].append(time.perf_counter() - t0)
+                    forming[bs][method].append(formed)
+    load.append(list(os.getloadavg()))
+    return times, forming, load
 
 
-def proc_status_kb(key: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), None if unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS (Linux only)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def summarize(times: dict[str, list[float]], forming: dict[str, list[float]],
+              batch_size: int, args: argparse.Namespace, n_train: int) -> dict:
+    """Medians, ratios to ``plain`` and extrapolated epochs of one batch size's times."""
+    median = {m: statistics.median(t) for m, t in times.items()}
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    epoch = {m: steps_per_epoch * median[m] * (args.folds if m == "augment" else 1)
+             for m in median}
+    results: dict = {"batch_size": batch_size, "steps_per_epoch": steps_per_epoch,
+                     "step_seconds": times, "median_step_seconds": median,
+                     "batch_forming_seconds": forming,
+                     "median_batch_forming_seconds": {
+                         m: statistics.median(t) for m, t in forming.items()}}
+    for m in median:
+        if m == "plain":
+            continue
+        per_round = [a / p for a, p in zip(times[m], times["plain"], strict=True)]
+        results[f"step_ratio_{m}_over_plain"] = median[m] / median["plain"]
+        results[f"step_ratio_{m}_over_plain_min"] = min(times[m]) / min(times["plain"])
+        results[f"step_ratio_{m}_over_plain_per_round"] = per_round
+        results[f"step_ratio_{m}_over_plain_median_of_rounds"] = statistics.median(per_round)
+    results["epoch_seconds_extrapolated"] = epoch
+    for m in ("augment", "gaussian"):
+        if m in epoch and "moment" in epoch:
+            results[f"epoch_ratio_{m}_over_moment"] = epoch[m] / epoch["moment"]
+    if "moment" in epoch:
+        results["epoch_ratio_moment_over_plain"] = epoch["moment"] / epoch["plain"]
+    return results
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -243,7 +307,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
     results = {}
-    for method in tqdm(METHODS, desc="memory subprocesses"):
+    for method in tqdm(args.methods, desc="memory subprocesses"):
         cmd = [sys.executable, __file__, "--worker", method, "--device", args.device,
                "--seed", str(args.seed), "--batch-size", str(args.batch_size),
                "--sigma", str(args.sigma), "--alpha", str(args.alpha),
@@ -312,39 +376,6 @@ def profile_moment_step(args: argparse.Namespace, train: ImageSet, device: torch
             "fraction_abs_z_above_3": tail_fraction, **timings}
 
 
-def machine_info(device: torch.device) -> dict:
-    from experiments.rundir import package_version
-
-    info = {
-        "momentkit_version": package_version(),
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    try:
-        info["git_commit"] = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-            check=True).stdout.strip()
-        info["git_dirty_files"] = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True).stdout.split("\n")[:-1]
-    except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = "unknown"
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        try:
-            with open("/proc/cpuinfo") as f:
-                info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f
-                                   if ln.startswith("model name"))
-        except (OSError, StopIteration):
-            info["cpu"] = platform.processor()
-    return info
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -355,30 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     info = machine_info(device)  # before the run: the code state that was imported
     train, n_train = load_train(args)
-    times = time_steps(args, train, device)
-    median = {m: statistics.median(t) for m, t in times.items()}
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
-    epoch = {
-        "plain": steps_per_epoch * median["plain"],
-        "moment": steps_per_epoch * median["moment"],
-        "augment": args.folds * steps_per_epoch * median["augment"],
-    }
-    results: dict = {
-        "step_seconds": times,
-        "median_step_seconds": median,
-        "step_ratio_moment_over_plain": median["moment"] / median["plain"],
-        "step_ratio_moment_over_plain_min": min(times["moment"]) / min(times["plain"]),
-        "step_ratio_moment_over_plain_per_round": [
-            m / p for m, p in zip(times["moment"], times["plain"], strict=True)],
-        "step_ratio_augment_over_plain": median["augment"] / median["plain"],
-        "epoch_seconds_extrapolated": epoch,
-        "epoch_ratio_augment_over_moment": epoch["augment"] / epoch["moment"],
-        "epoch_ratio_moment_over_plain": epoch["moment"] / epoch["plain"],
-    }
-    if args.naive_relu_mean:
-        results["step_ratio_moment_naive_over_plain"] = median["moment_naive"] / median["plain"]
-        results["step_ratio_moment_naive_over_plain_per_round"] = [
-            m / p for m, p in zip(times["moment_naive"], times["plain"], strict=True)]
+    times, forming, load = time_steps(args, train, device)
+    by_size = {bs: summarize(times[bs], forming[bs], bs, args, n_train)
+               for bs in args.batch_sizes}
+    results = dict(by_size[args.batch_size])
+    results["load_average_before_rounds"] = load
+    results["results_by_batch_size"] = {str(bs): r for bs, r in by_size.items()}
     if not args.no_memory:
         results["memory"] = measure_memory(args)
     if args.profile:
@@ -386,28 +399,26 @@ def main(argv: list[str] | None = None) -> None:
         print(prof.pop("table"))
         results["profile"] = prof
     config = {**{k: v for k, v in vars(args).items() if k != "worker"},
-              "n_train": n_train, "steps_per_epoch": steps_per_epoch,
-              **info}
+              "n_train": n_train, "steps_per_epoch": results["steps_per_epoch"], **info}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": config, "results": results}, indent=2) + "\n")
-    print(f"\nLeNet/MNIST training step, batch {args.batch_size}, device {device}, "
-          f"{torch.get_num_threads()} threads; medians of {args.repeats} interleaved rounds")
-    for m in METHODS:
-        print(f"  {m:8s} step {median[m]:8.3f} s   epoch (extrapolated) {epoch[m]:9.1f} s")
-    if args.naive_relu_mean:
-        naive = sorted(results["step_ratio_moment_naive_over_plain_per_round"])
-        print(f"  diagnostic: moment step with a naive float32 relu_mean "
-              f"{median['moment_naive']:.3f} s, ratio to plain "
-              f"{results['step_ratio_moment_naive_over_plain']:.2f} (per "
-              f"round {naive[0]:.2f} to {naive[-1]:.2f}, median {statistics.median(naive):.2f})")
-    per_round = sorted(results["step_ratio_moment_over_plain_per_round"])
-    print(f"  moment/plain step ratio {results['step_ratio_moment_over_plain']:.2f} "
-          f"(ratio of minima {results['step_ratio_moment_over_plain_min']:.2f}; per round "
-          f"{per_round[0]:.2f} to {per_round[-1]:.2f}, median "
-          f"{statistics.median(per_round):.2f}); "
-          f"{args.folds}-fold augmentation epoch / moment epoch "
-          f"{results['epoch_ratio_augment_over_moment']:.1f}")
+    one_min = [la[0] for la in load]
+    print(f"\nLeNet/MNIST training step, device {device}, {torch.get_num_threads()} threads; "
+          f"medians of {args.repeats} interleaved rounds; 1-min load average "
+          f"{min(one_min):.1f} to {max(one_min):.1f}")
+    for bs, r in by_size.items():
+        print(f"batch {bs}:")
+        for m, t in r["median_step_seconds"].items():
+            line = (f"  {m:12s} step {t:8.3f} s (forming the batch "
+                    f"{r['median_batch_forming_seconds'][m]:.4f} s)   epoch (extrapolated) "
+                    f"{r['epoch_seconds_extrapolated'][m]:9.1f} s")
+            if m != "plain":
+                per_round = sorted(r[f"step_ratio_{m}_over_plain_per_round"])
+                line += (f"   / plain {r[f'step_ratio_{m}_over_plain']:.3f} (median of rounds "
+                         f"{r[f'step_ratio_{m}_over_plain_median_of_rounds']:.3f}, rounds "
+                         f"{per_round[0]:.2f} to {per_round[-1]:.2f})")
+            print(line)
     for m, mem in results.get("memory", {}).items():
         line = (f"  {m:8s} peak RSS {mem['peak_rss_mib']:8.0f} MiB "
                 f"({mem['peak_rss_source']}; RSS before the steps "
@@ -421,7 +432,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{p['relu_mean_fwd_bwd_s']:.3f} s (ReLU fwd+bwd {p['relu_fwd_bwd_s']:.3f} s); "
               f"|z| > 3 for {100 * p['fraction_abs_z_above_3']:.1f} % of entries")
     print(f"results written to {out}")
-
 
 if __name__ == "__main__":
     main()

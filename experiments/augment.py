@@ -14,15 +14,20 @@ the pair lands in, on a resumed run as well. It is produced by the counter-based
 generator Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy
 as 1, 2, 3", SC 2011) evaluated on the counter ``(i, c, block, 0)`` with the 64-bit
 ``seed`` as its key: one evaluation gives four 32-bit words, that is two Box-Muller
-pairs, so four normal values for pixels ``4 * block .. 4 * block + 3``. Everything is
-vectorized integer arithmetic on tensors of the batch's device.
+pairs, so four normal values for pixels ``4 * block .. 4 * block + 3``. On the CPU a
+compiled loop (:mod:`experiments._philox_numba`) evaluates it; on other devices
+vectorized integer arithmetic on tensors of the batch's device does.
 
-Accuracy: the 32-bit words match Random123's known-answer vectors exactly. Uniforms
-use the top 24 bits, ``u = (w >> 8 + 1/2) / 2**24`` in (0, 1), so the normals are
-exact Box-Muller transforms of a 24-bit lattice: their tails are cut at
-``sqrt(2 ln 2**25) = 5.9`` standard deviations (probability ``4e-9`` per value).
-The integer stream is identical on every device; the float transform (log, cos, sin)
-may differ in the last bit between CPU and CUDA.
+Accuracy: the 32-bit words match Random123's known-answer vectors exactly, on both
+paths. Uniforms use the top 24 bits, ``u = (float32(w >> 8) + 1/2) * 2**-24`` in float32
+arithmetic: exact for ``w >> 8 < 2**23``, rounded to an even multiple of ``2**-24``
+above, so ``u`` lies in ``[2**-25, 1]`` and is the same float on every path. The
+normals are Box-Muller transforms of these uniforms in float32: their tails are cut at
+``sqrt(2 ln 2**25) = 5.9`` standard deviations (probability ``4e-9`` per value). The
+integer stream and the uniforms are identical on every device and path; the float
+transform (log, cos, sin) may differ by a few float32 ulps between the CPU kernel, the
+torch path on the CPU and CUDA (the test suite bounds the CPU kernel against the torch
+path by 4 ulps of the value).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from experiments.data import ImageSet
@@ -90,8 +96,18 @@ def counter_normal(
 
     ``index``, ``copy``: 1-D integer tensors ``(B,)`` with values in [0, 2**32); the
     result ``(B, num_values)`` lives on their device. A pure function of its arguments:
-    the same ``(seed, index, copy, j)`` always gives the same value.
+    the same ``(seed, index, copy, j)`` always gives the same value on a given device.
+    ``seed`` is reduced modulo ``2**64``; ``dtype`` is the result's dtype (the values
+    are computed in float32). Raises ``ValueError`` for mismatched shapes or
+    ``num_values < 1``.
     """
+    _check_pairs(index, copy, num_values)
+    if index.device.type == "cpu":
+        return _counter_normal_cpu(seed, index, copy, num_values).to(dtype)
+    return _counter_normal_torch(seed, index, copy, num_values).to(dtype)
+
+
+def _check_pairs(index: torch.Tensor, copy: torch.Tensor, num_values: int) -> None:
     if index.dim() != 1 or index.shape != copy.shape:
         raise ValueError(
             f"index, copy: expected equal 1-D shapes, got {tuple(index.shape)} and "
@@ -99,6 +115,82 @@ def counter_normal(
         )
     if num_values < 1:
         raise ValueError(f"num_values: must be positive, got {num_values}")
+
+
+def add_counter_normal_(
+    x: torch.Tensor,
+    seed: int,
+    index: torch.Tensor,
+    copy: torch.Tensor,
+    sigma: float,
+    *,
+    clean_copy_zero: bool = False,
+) -> torch.Tensor:
+    """``x[b] += sigma * z(seed, index[b], copy[b])`` in place; returns ``x``.
+
+    ``x``: ``(B, ...)`` with ``B = len(index)``; the noise has ``x[b].numel()`` values per
+    row (see :func:`counter_normal`), reshaped to ``x.shape[1:]``. With
+    ``clean_copy_zero`` the rows with ``copy == 0`` are left as they are. The result is
+    ``x + sigma * noise`` in float32 arithmetic, the same floats as adding the output
+    of :func:`counter_normal`. On the CPU, for a contiguous float32 ``x``, it is one
+    compiled pass over ``x`` (no temporary tensors: on a busy CPU every extra tensor
+    operation of a batch costs milliseconds). Raises ``ValueError`` as
+    :func:`counter_normal` does, or when ``x`` has not ``len(index)`` rows.
+    """
+    if x.dim() < 1 or x.shape[0] != index.shape[0]:
+        raise ValueError(
+            f"x: expected {tuple(index.shape)[:1]} rows, got shape {tuple(x.shape)}"
+        )
+    num_values = math.prod(x.shape[1:])
+    compiled = x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+    if compiled and x.is_contiguous():
+        _check_pairs(index, copy, num_values)
+        _counter_normal_cpu(seed, index, copy, num_values,
+                            x.numpy().reshape(x.shape[0], num_values), sigma, clean_copy_zero)
+        return x
+    noise = counter_normal(seed, index, copy, num_values)
+    if clean_copy_zero:
+        noise = noise * (copy != 0).to(noise.dtype).unsqueeze(1)
+    return x.add_(sigma * noise.reshape(x.shape).to(x.dtype))
+
+
+def _counter_normal_cpu(
+    seed: int,
+    index: torch.Tensor,
+    copy: torch.Tensor,
+    num_values: int,
+    add_to: np.ndarray | None = None,
+    scale: float = 1.0,
+    skip_copy_zero: bool = False,
+) -> torch.Tensor:
+    """float32 ``(B, num_values)`` from the compiled kernel (:mod:`experiments._philox_numba`).
+
+    With ``add_to`` (float32 ``(B, num_values)``, C-contiguous) it adds ``scale * z`` to
+    its rows in place (not to rows with ``copy == 0`` if ``skip_copy_zero``) and returns
+    it as a tensor.
+    """
+    from experiments import _philox_numba  # imports numba: only when noise is drawn
+
+    seed &= (1 << 64) - 1
+    out = np.empty((index.shape[0], num_values), dtype=np.float32) if add_to is None else add_to
+    _philox_numba.counter_normal_kernel(
+        index.to(torch.int64).numpy().astype(np.uint64),
+        copy.to(device="cpu", dtype=torch.int64).numpy().astype(np.uint64),
+        seed & _MASK32,
+        seed >> 32,
+        PHILOX_ROUNDS,
+        out,
+        np.float32(scale),
+        add_to is not None,
+        skip_copy_zero,
+    )
+    return torch.from_numpy(out)
+
+
+def _counter_normal_torch(
+    seed: int, index: torch.Tensor, copy: torch.Tensor, num_values: int
+) -> torch.Tensor:
+    """float32 ``(B, num_values)`` by tensor operations on ``index``'s device."""
     device = index.device
     blocks = (num_values + 3) // 4
     seed &= (1 << 64) - 1
@@ -111,7 +203,7 @@ def counter_normal(
         ),
         (seed & _MASK32, seed >> 32),
     )
-    # top 24 bits -> (0, 1); float32 represents these lattice points exactly
+    # top 24 bits -> (0, 1]; float32 arithmetic (see the module docstring)
     u = [((w >> 8).to(torch.float32) + 0.5) * 2.0**-24 for w in words]
     normals = []
     for u1, u2 in ((u[0], u[1]), (u[2], u[3])):
@@ -119,7 +211,7 @@ def counter_normal(
         angle = (2.0 * math.pi) * u2
         normals += [radius * torch.cos(angle), radius * torch.sin(angle)]
     z = torch.stack(normals, dim=-1).reshape(index.shape[0], 4 * blocks)
-    return z[:, :num_values].to(dtype)
+    return z[:, :num_values]
 
 
 def augmentation_noise(
@@ -152,14 +244,13 @@ def augmented_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
     n = len(data)
-    shape = tuple(data.images.shape[1:])
     order = torch.randperm(folds * n, generator=generator)
     for start in range(0, folds * n, batch_size):
         pairs = order[start : start + batch_size].to(data.device)
         index, copy = pairs % n, pairs // n
         x, y = data.batch(index)
         if sigma != 0.0 and folds > 1:
-            x = x + sigma * augmentation_noise(seed, index, copy, shape).to(x.dtype)
+            add_counter_normal_(x, seed, index, copy, sigma, clean_copy_zero=True)
         yield x, y
 
 
@@ -210,11 +301,11 @@ def gaussian_noise_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
-    shape = tuple(data.images.shape[1:])
     order = torch.randperm(len(data), generator=generator)
     for start in range(0, len(data), batch_size):
         index = order[start : start + batch_size].to(data.device)
         x, y = data.batch(index)
         if sigma != 0.0:
-            x = x + sigma * gaussian_training_noise(seed, index, epoch, shape).to(x.dtype)
+            copy = torch.full_like(index, epoch, dtype=torch.int64)
+            add_counter_normal_(x, _gaussian_training_key(seed), index, copy, sigma)
         yield x, y

@@ -5,12 +5,17 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
 
+from experiments import _philox_numba
 from experiments.augment import (
+    _counter_normal_cpu,
+    _counter_normal_torch,
     _mulhilo,
+    add_counter_normal_,
     augmentation_noise,
     augmented_batches,
     counter_normal,
@@ -34,6 +39,82 @@ PHILOX_KAT = [
 def test_philox_matches_random123_known_answers(counter, key, expected) -> None:
     out = philox4x32(tuple(torch.tensor([c]) for c in counter), key)
     assert [int(o) for o in out] == list(expected)
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), PHILOX_KAT)
+def test_compiled_philox_matches_random123_known_answers(counter, key, expected) -> None:
+    out = _philox_numba.philox4x32_words(np.array([counter], dtype=np.uint64), *key, 10)
+    assert out[0].tolist() == list(expected)
+
+
+def test_compiled_philox_equals_torch_philox() -> None:
+    gen = torch.Generator().manual_seed(3)
+    counters = torch.randint(0, 2**32, (2000, 4), generator=gen)
+    for key in ((0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (0x12345678, 0x9ABCDEF0)):
+        expected = torch.stack(philox4x32(tuple(counters.T), key), dim=1)
+        out = _philox_numba.philox4x32_words(counters.numpy().astype(np.uint64), *key, 10)
+        assert out.astype(np.int64).tolist() == expected.tolist()
+
+
+def test_compiled_uniforms_equal_torch_uniforms_bit_for_bit() -> None:
+    # the edges of the rounding: below and above 2**23 lattice points, the top word
+    words = [0, 255, 256, 2**31 - 1, 2**31, 2**31 + 256, 2**32 - 257, 2**32 - 256, 2**32 - 1]
+    words += torch.randint(0, 2**32, (500,), generator=torch.Generator().manual_seed(4)).tolist()
+    expected = ((torch.tensor(words) >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    out = [_philox_numba._uniform(np.uint64(w)) for w in words]
+    assert torch.equal(torch.tensor(out, dtype=torch.float32), expected)
+    assert float(expected.max()) == 1.0 and float(expected.min()) == 2.0**-25
+
+
+@pytest.mark.parametrize("seed", [0, 2**64 - 1, 0xDEADBEEFCAFEBABE])
+@pytest.mark.parametrize("num_values", [1, 3, 785])
+def test_compiled_normals_equal_torch_path_within_four_ulps(seed, num_values) -> None:
+    # Both paths round to float32 at the same places, from the same float32 uniforms and
+    # angles. The kernel's log/cos/sin are float64 rounded once (error <= 1/2 ulp); the
+    # torch path's float32 log/cos/sin are within 1 ulp. Through sqrt(-2 log u1) a log
+    # error of e ulps becomes e/2 ulps plus the sqrt's rounding, and the product
+    # radius * cos adds one rounding on each path: at most about 3 ulps apart, bounded
+    # here by 4 ulps of the torch value (ulp = spacing of float32 at |z|).
+    gen = torch.Generator().manual_seed(5)
+    index = torch.randint(0, 2**32, (400,), generator=gen)
+    copy = torch.randint(0, 2**32, (400,), generator=gen)
+    fast = _counter_normal_cpu(seed, index, copy, num_values)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # its ~300 small operations are slow to share on a busy CPU
+    try:
+        ref = _counter_normal_torch(seed, index, copy, num_values)
+    finally:
+        torch.set_num_threads(threads)
+    assert fast.shape == ref.shape == (400, num_values) and fast.dtype == torch.float32
+    ulp = torch.nextafter(ref.abs(), torch.tensor(math.inf)) - ref.abs()
+    assert bool(((fast - ref).abs() <= 4 * ulp).all())
+    # and most values are the same float: the paths are the same stream, not two streams
+    assert float((fast == ref).double().mean()) > 0.5
+
+
+def test_counter_normal_uses_the_compiled_kernel_on_the_cpu() -> None:
+    index, copy = torch.tensor([4, 8]), torch.tensor([1, 2])
+    z = counter_normal(9, index, copy, 10)
+    assert torch.equal(z, _counter_normal_cpu(9, index, copy, 10))
+    z64 = counter_normal(9, index, copy, 10, dtype=torch.float64)
+    assert z64.dtype == torch.float64 and torch.equal(z64, z.double())
+
+
+@pytest.mark.parametrize("clean_copy_zero", [False, True])
+def test_add_counter_normal_equals_adding_counter_normal(clean_copy_zero) -> None:
+    gen = torch.Generator().manual_seed(6)
+    index, copy = torch.randint(0, 1000, (6,), generator=gen), torch.tensor([0, 1, 2, 0, 5, 9])
+    x = torch.rand(6, 2, 3, 5, generator=gen)
+    z = counter_normal(3, index, copy, 30).reshape(x.shape)
+    if clean_copy_zero:
+        z[copy == 0] = 0.0
+    expected = x + 0.3 * z  # float32 arithmetic, the same floats in place
+    # the compiled in-place pass on a contiguous float32 batch, and the tensor fallback
+    for batch in (x.clone(), x.clone().transpose(2, 3).contiguous().transpose(2, 3)):
+        out = add_counter_normal_(batch, 3, index, copy, 0.3, clean_copy_zero=clean_copy_zero)
+        assert out is batch and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="x: expected"):
+        add_counter_normal_(x[:5], 3, index, copy, 0.3)
 
 
 def test_mulhilo_equals_exact_integer_product() -> None:
