@@ -83,10 +83,10 @@ from momentkit._validate import (
     check_covariance_matrix,
 )
 from momentkit.errors import MomentInputError
+from momentkit.special import _normal_cdf as normal_cdf
 from momentkit.special import (
     bivariate_normal_cdf,
     bivariate_normal_cdf_partials,
-    normal_cdf,
 )
 
 
