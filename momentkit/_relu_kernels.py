@@ -21,7 +21,8 @@ import math
 
 import torch
 
-from momentkit.special import normal_cdf, normal_pdf
+from momentkit.special import _normal_cdf as normal_cdf
+from momentkit.special import _normal_pdf as normal_pdf
 
 TAIL_SWITCH = 3.0
 """``|z|`` beyond which the tail (continued-fraction) formulas replace the central ones.

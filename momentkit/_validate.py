@@ -112,8 +112,8 @@ def as_float_tensor(
         raise MomentInputError(f"{fn}: {name} must be a floating-point tensor, got {x.dtype}")
     if finite:
         check_finite(x, name, fn)
-    elif bool(torch.isnan(x).any()):
-        raise MomentInputError(f"{fn}: {name} contains NaN")
+    else:
+        check_not_nan(x, name, fn)
     return x
 
 
@@ -129,6 +129,13 @@ def as_float64_array(value: object, name: str, fn: str) -> np.ndarray:
         what = "NaN" if np.any(np.isnan(arr)) else "inf"
         raise MomentInputError(f"{fn}: {name} contains {what}")
     return arr
+
+
+def check_not_nan(x: torch.Tensor, name: str, fn: str) -> None:
+    """Refuse NaN in ``x`` (infinity is let through: for elementwise maps such as
+    ``Phi`` it has a limit that is the right answer)."""
+    if x.numel() and bool(torch.isnan(x).any()):
+        raise MomentInputError(f"{fn}: {name} contains NaN")
 
 
 def check_finite(x: torch.Tensor, name: str, fn: str) -> None:

@@ -23,6 +23,11 @@ Branch points (module constants, bracketed one ulp either side in the tests):
 * ``bivariate_normal_cdf(h, k, rho) = P(X < h, Y < k)`` for a standard bivariate normal
   with correlation ``rho`` (Drezner and Wesolowsky 1990 in the form of Genz 2004,
   20-point Gauss-Legendre; absolute error below 1e-15 in float64).
+
+Input checks: NaN anywhere raises :class:`MomentInputError` naming the function and
+the argument; infinities give the limits (``Phi(+-inf) = 1, 0``, ``phi(+-inf) = 0``,
+``log Phi(-inf) = -inf``, ``R(-inf) = inf``, ``Phi2(+inf, k) = Phi(k)``), as each
+function's docstring states.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import math
 import numpy as np
 import torch
 
+from momentkit._validate import check_not_nan
 from momentkit.errors import MomentInputError
 
 _SQRT2 = math.sqrt(2.0)
@@ -60,6 +66,20 @@ has already underflowed to 0 (``|h - k| / a >= 25 / sqrt(1 - 0.925^2) > 38.5``),
 product is exactly 0 in float64 either side of the cutoff."""
 
 
+BVN_INFINITY = 1e10
+"""``h`` and ``k`` are clamped to ``[-1e10, 1e10]``, so that infinite limits are exact and
+finite: ``Phi2(+inf, k; rho) = Phi(k)``, ``Phi2(+inf, +inf; rho) = 1`` and 0 when either
+is ``-inf``. Beyond ``|x| ~ 38.5`` ``Phi(x)`` is 0 or 1 in float64 and ``phi(x)`` 0, so
+the clamp changes no value and no derivative (the clamped argument's derivative,
+``phi(h) Phi(...)``, is 0 there as it is at infinity, and the other one's is the limit
+``phi(k)``), while it keeps products such as ``h k`` and ``h^2`` finite (no ``inf - inf``
+or ``0 * inf`` inside the quadratures)."""
+
+
+_PDF_CLAMP = 1e10
+""":func:`normal_pdf` clamps its argument here: ``phi(1e10) = 0`` in every dtype."""
+
+
 def _upcast(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     """``x`` in float32 at least (half precision is computed in float32, since its
     ``exp`` and ``erfc`` would lose the relative accuracy in the tails), and the dtype
@@ -67,27 +87,63 @@ def _upcast(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     return x.to(torch.promote_types(x.dtype, torch.float32)), x.dtype
 
 
-def normal_pdf(x: torch.Tensor) -> torch.Tensor:
-    """Standard normal density ``phi(x)``."""
+def _normal_pdf(x: torch.Tensor) -> torch.Tensor:
+    """``phi(x)`` without input checks (the kernels' internal use)."""
     x, dtype = _upcast(x)
     return (torch.exp(-0.5 * x * x) / _SQRT_2PI).to(dtype)
 
 
-def normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Standard normal cdf ``Phi(x)``, relatively accurate in the lower tail."""
+def _normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """``Phi(x)`` without input checks (the kernels' internal use)."""
     x, dtype = _upcast(x)
     return (0.5 * torch.special.erfc(-x / _SQRT2)).to(dtype)
 
 
+def _checked(x: torch.Tensor, fn: str) -> torch.Tensor:
+    """``x`` as a tensor (integer tensors are computed in float32), NaN refused."""
+    if not isinstance(x, torch.Tensor):
+        raise MomentInputError(f"{fn}: x must be a tensor, got {type(x).__name__}")
+    check_not_nan(x, "x", fn)
+    return x
+
+
+def normal_pdf(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal density ``phi(x) = exp(-x^2 / 2) / sqrt(2 pi)``, elementwise.
+
+    ``phi(+-inf) = 0`` with derivative 0 (``x`` is clamped to ``+-1e10``, where ``phi``
+    is already 0 in every dtype, so that the derivative ``-x phi(x)`` is never
+    ``inf * 0``). Raises :class:`MomentInputError` for NaN in ``x``.
+    """
+    x, dtype = _upcast(_checked(x, "normal_pdf"))
+    return _normal_pdf(x.clamp(-_PDF_CLAMP, _PDF_CLAMP)).to(dtype)
+
+
+def normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Standard normal cdf ``Phi(x)``, relatively accurate in the lower tail.
+
+    ``Phi(-inf) = 0``, ``Phi(+inf) = 1``, both with derivative 0. Raises
+    :class:`MomentInputError` for NaN in ``x``.
+    """
+    return _normal_cdf(_checked(x, "normal_cdf"))
+
+
 def log_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """``log Phi(x)``, finite down to very negative ``x``."""
-    x, dtype = _upcast(x)
+    """``log Phi(x)``, finite down to very negative ``x``.
+
+    ``log Phi(+inf) = 0`` and ``log Phi(-inf) = -inf`` (the exact limit). Raises
+    :class:`MomentInputError` for NaN in ``x``.
+    """
+    x, dtype = _upcast(_checked(x, "log_normal_cdf"))
     return torch.special.log_ndtr(x).to(dtype)
 
 
 def mills_ratio(x: torch.Tensor) -> torch.Tensor:
-    """Mills ratio ``(1 - Phi(x)) / phi(x)``, computed through ``erfcx``."""
-    x, dtype = _upcast(x)
+    """Mills ratio ``(1 - Phi(x)) / phi(x)``, computed through ``erfcx``.
+
+    ``R(+inf) = 0`` and ``R(-inf) = +inf`` (the exact limit). Raises
+    :class:`MomentInputError` for NaN in ``x``.
+    """
+    x, dtype = _upcast(_checked(x, "mills_ratio"))
     return (_SQRT_PI_OVER_2 * torch.special.erfcx(x / _SQRT2)).to(dtype)
 
 
@@ -111,7 +167,7 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     sn = torch.sin(asr.unsqueeze(-1) * (nodes + 1.0) / 2.0)
     integrand = torch.exp((sn * hk.unsqueeze(-1) - hs.unsqueeze(-1)) / (1.0 - sn * sn))
     bvn_low = asr * (integrand * weights).sum(-1) / (2.0 * two_pi)
-    bvn_low = bvn_low + normal_cdf(-h) * normal_cdf(-k)
+    bvn_low = bvn_low + _normal_cdf(-h) * _normal_cdf(-k)
 
     # High correlation (Drezner-Wesolowsky): reduce to rho = +1 after flipping k.
     r_high = torch.where(low, torch.full_like(r, 0.95), r)
@@ -131,7 +187,7 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     b = torch.sqrt(bs)
     # exp(-hk/2) overflows for hk << 0, where Phi(-b/a) has underflowed already.
     tail = torch.exp(-torch.clamp(hk2, min=BVN_HK_CUTOFF) / 2.0) * _SQRT_2PI
-    tail = tail * normal_cdf(-b / a) * b * (1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0)
+    tail = tail * _normal_cdf(-b / a) * b * (1.0 - c * bs * (1.0 - d * bs / 5.0) / 3.0)
     part = part - torch.where(hk2 > BVN_HK_CUTOFF, tail, torch.zeros_like(tail))
     half = a / 2.0
     xs = (half.unsqueeze(-1) * (nodes + 1.0)) ** 2
@@ -143,8 +199,8 @@ def _bvn_upper(h: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tenso
     part = part + half * (weights * term).sum(-1)
     part = -part / two_pi
     part = torch.where(degenerate, torch.zeros_like(part), part)
-    pos_value = part + normal_cdf(-torch.maximum(h, kk))
-    neg_value = -part + torch.clamp(normal_cdf(kk) - normal_cdf(h), min=0.0)
+    pos_value = part + _normal_cdf(-torch.maximum(h, kk))
+    neg_value = -part + torch.clamp(_normal_cdf(kk) - _normal_cdf(h), min=0.0)
     bvn_high = torch.where(neg, neg_value, pos_value)
     return torch.where(low, bvn_low, bvn_high).clamp(0.0, 1.0)
 
@@ -169,8 +225,8 @@ def bivariate_normal_cdf_partials(
     big = torch.finfo(h.dtype).max
     arg_h = torch.where(interior, (k - rho * h) / r, torch.sign(k - rho * h) * big)
     arg_k = torch.where(interior, (h - rho * k) / r, torch.sign(h - rho * k) * big)
-    d_h = normal_pdf(h) * normal_cdf(arg_h)
-    d_k = normal_pdf(k) * normal_cdf(arg_k)
+    d_h = _normal_pdf(h) * _normal_cdf(arg_h)
+    d_k = _normal_pdf(k) * _normal_cdf(arg_k)
     quad = (h * h - 2.0 * rho * h * k + k * k) / safe_r2
     d_rho = torch.where(
         interior, torch.exp(-0.5 * quad) / (2.0 * math.pi * r), torch.zeros_like(r)
@@ -236,16 +292,24 @@ def bivariate_normal_cdf(
     Lower-precision inputs (float32, bfloat16, float16) are evaluated in float64 and
     rounded back. First and second derivatives are exact (module docstring); a second
     derivative at ``rho = +-1``, ``h = rho k`` (a kink) raises ``RuntimeError``.
+    Infinite ``h`` or ``k`` give the exact limits (``Phi(k)`` for ``h = +inf``, 1 for
+    both ``+inf``, 0 for ``-inf``) and finite gradients, the limits ``0`` and ``phi(k)``
+    (:data:`BVN_INFINITY`).
     Raises :class:`MomentInputError` for NaN or ``|rho| > 1``.
     """
     h, k, rho = torch.broadcast_tensors(*map(torch.as_tensor, (h, k, rho)))
     for name, t in (("h", h), ("k", k), ("rho", rho)):
         if not t.is_floating_point():
             raise MomentInputError(f"bivariate_normal_cdf: {name} must be a floating tensor")
-        if bool(torch.isnan(t).any()):
-            raise MomentInputError(f"bivariate_normal_cdf: {name} contains NaN")
+        check_not_nan(t, name, "bivariate_normal_cdf")
     if bool((rho.abs() > 1).any()):
         raise MomentInputError("bivariate_normal_cdf: rho must lie in [-1, 1]")
     dtype = h.dtype
-    out = _BivariateNormalCdf.apply(h.double(), k.double(), rho.double())
+    h, k = (t.double().clamp(-BVN_INFINITY, BVN_INFINITY) for t in (h, k))
+    out = _BivariateNormalCdf.apply(h, k, rho.double())
+    # The limits exactly (the high-correlation quadrature is accurate in absolute terms
+    # only, so Phi2(k, +inf) would otherwise carry an error of 1e-17 in the lower tail).
+    out = torch.where(h >= BVN_INFINITY, _normal_cdf(k), out)
+    out = torch.where(k >= BVN_INFINITY, _normal_cdf(h), out)
+    out = torch.where((h <= -BVN_INFINITY) | (k <= -BVN_INFINITY), torch.zeros_like(out), out)
     return out.to(dtype)

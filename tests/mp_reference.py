@@ -49,7 +49,18 @@ def relu_cross_moment_ref(m1: float, m2: float, s1: float, s2: float, r: float) 
         inner = relu_moments_ref(cm, cs)[0] if cs > 0 else max(cm, mp.mpf(0))
         return x * inner * mp.npdf((x - m1) / s1) / s1
 
-    return mp.quad(integrand, [0, max(m1, mp.mpf(0)) + s1, m1 + 10 * s1, mp.inf])
+    pts = {mp.mpf(0), max(m1, mp.mpf(0)) + s1, m1 + 10 * s1}
+    for k in (-10, -1, 0, 1, 10):  # around m1 +- k s1: the density's bulk
+        pts.add(m1 + k * s1)
+    if r != 0:
+        # E[X2+ | X1 = x] turns at x0, where the conditional mean crosses 0, over a width
+        # w in x; at high |r| that width is narrow and must be bracketed for quad.
+        x0 = m1 - m2 * s1 / (r * s2)
+        w = cs * s1 / abs(r * s2)
+        for k in (-10, -1, 0, 1, 10):
+            pts.add(x0 + k * w)
+    pts = sorted(p for p in pts if p >= 0) + [mp.inf]
+    return mp.quad(integrand, pts)
 
 
 def relu_covariance_ref(m1, m2, s1, s2, r) -> mp.mpf:

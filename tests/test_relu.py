@@ -200,6 +200,49 @@ def test_covariance_against_high_precision_reference(m1, m2, s1, s2, r):
     assert abs(got - ref) <= 1e-13 * s1 * s2 * (1 + abs(m1 * m2) / (s1 * s2))
 
 
+# Standardized means from the far lower tail to the far linear regime (1e300 is clamped
+# to 1e10 inside; the reference takes 60, beyond which every tail term is below 1e-780),
+# with mixed signs, and correlations including the degenerate +-1 and a hair inside.
+FAR_Z = [-1e300, -30.0, -2.0, 0.0, 0.3, 5.0, 1e8]
+FAR_Z2 = [-1e8, -0.5, 1.0, 1e300]
+FAR_RHO = [-1.0, -0.999999, -0.5, 0.0, 0.5, 0.999999, 1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rho", FAR_RHO)
+def test_covariance_far_means_against_high_precision_reference(rho):
+    s1, s2 = 0.5, 3.0
+    cov = torch.tensor([[s1 * s1, rho * s1 * s2], [rho * s1 * s2, s2 * s2]], dtype=F64)
+    for a in FAR_Z:
+        for b in FAR_Z2:
+            mean = torch.tensor([a * s1, b * s2], dtype=F64)
+            got = relu_covariance(mean, cov)[0, 1].item()
+            ref = float(relu_covariance_ref(*(max(min(z, 60.0), -60.0) * s for z, s in
+                                              ((a, s1), (b, s2))), s1, s2, rho))
+            # In units of s1 s2 the result is a sum of terms bounded by ~1 (rho times
+            # probabilities, and lower-tail moments), each a few ulps accurate, plus the
+            # bivariate cdf's 1e-16; measured worst 2.2e-16 (one ulp of 1).
+            assert abs(got - ref) <= 1e-15 * s1 * s2, (a, b, rho, got, ref)
+
+
+@pytest.mark.parametrize("z", [1e8, -1e8, 1e300, -1e300])
+@pytest.mark.parametrize("rho", [-1.0, -0.5, 0.5, 1.0])
+def test_covariance_linear_regime_limits(z, rho):
+    """Far from 0 each ReLU is the identity (mean/std -> +inf) or 0 (-> -inf), so the
+    covariance is exactly ``rho s1 s2``, ``rho s1 s2 Phi(b)`` with the other standardized
+    mean ``b`` (Stein's lemma), or 0; the old Rosenbaum form lost it to cancellation."""
+    s1, s2, b = 2.0, 0.5, 0.7
+    cov = torch.tensor([[s1 * s1, rho * s1 * s2], [rho * s1 * s2, s2 * s2]], dtype=F64)
+    both = relu_covariance(torch.tensor([z * s1, z * s2], dtype=F64), cov)[0, 1].item()
+    mixed = relu_covariance(torch.tensor([z * s1, b * s2], dtype=F64), cov)[0, 1].item()
+    if z > 0:
+        assert abs(both - rho * s1 * s2) <= 4 * 2.0**-53 * s1 * s2
+        expect = rho * s1 * s2 * normal_cdf(torch.tensor(b, dtype=F64)).item()
+        assert abs(mixed - expect) <= 4 * 2.0**-53 * s1 * s2
+    else:
+        assert both == 0.0 and mixed == 0.0
+
+
 def test_covariance_limits_unit_correlation_and_zero_mean():
     s = torch.tensor([1.3, 1.3], dtype=F64)
     mean = torch.tensor([0.4, 0.4], dtype=F64)
