@@ -147,8 +147,23 @@ def _check_batch(x: torch.Tensor) -> None:
         raise MomentInputError(f"x: expected a floating point tensor, got dtype {x.dtype}")
 
 
+MOMENTS = ("first_relu", "network")
+
+
+def _network_surrogate(model: nn.Module, x: torch.Tensor, sigma: SigmaLike, moments: str):
+    """``moments="network"``: the output mean of :func:`momentkit.network_moments` in its
+    ``"diagonal"`` mode (every layer, independent units; about two forward passes)."""
+    if moments not in MOMENTS:
+        raise MomentInputError(f"moments: expected one of {MOMENTS}, got {moments!r}")
+    from momentkit.network import network_moments  # the network package imports this one
+
+    return ExpectedPrediction(
+        model(x), network_moments(model, x, sigma, covariance="diagonal").mean
+    )
+
+
 def expected_prediction(
-    model: nn.Module, x: torch.Tensor, sigma: SigmaLike
+    model: nn.Module, x: torch.Tensor, sigma: SigmaLike, moments: str = "first_relu"
 ) -> ExpectedPrediction:
     """``Phi(x)`` and the expected-prediction surrogate ``Omega(mu3)`` (Eq. 4) in one call.
 
@@ -166,6 +181,9 @@ def expected_prediction(
             (:func:`momentkit.split.split_at_first_relu`).
         x: input batch ``(N, ...)`` in pixel units.
         sigma: pixel-space noise standard deviation, >= 0.
+        moments: ``"first_relu"`` (the paper's ``Omega(mu3)``) or ``"network"`` (the
+            mean of every layer's moments, :func:`momentkit.network_moments` with
+            ``covariance="diagonal"``; no split needed).
 
     Returns:
         ``ExpectedPrediction(output, surrogate)``, each of the network's output shape.
@@ -176,6 +194,8 @@ def expected_prediction(
         MomentInputError: bad ``sigma`` or ``x`` (:func:`input_variance`), or a
             network that cannot be split (:func:`~momentkit.split.split_at_first_relu`).
     """
+    if moments != "first_relu":
+        return _network_surrogate(model, x, sigma, moments)
     upsilon, omega = _cached_split(model)
     var_in = input_variance(sigma, x)
     pre = upsilon(x)
@@ -196,13 +216,19 @@ def _check_alpha(alpha: float) -> float:
 
 
 def moment_regularized_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: SigmaLike, alpha: float
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: SigmaLike,
+    alpha: float,
+    moments: str = "first_relu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The regularized training loss of Eq. 3 with the surrogate of Eq. 4.
 
     ``total = CE(Phi(x), y) + alpha * CE(Omega(mu3), y)`` with the batch-mean cross
     entropy. ``y`` holds class indices ``(N,)`` (or class probabilities, as
-    ``F.cross_entropy`` accepts).
+    ``F.cross_entropy`` accepts). ``moments`` chooses the surrogate, as in
+    :func:`expected_prediction`.
 
     Returns:
         ``(total, clean_term, moment_term)``, three scalar tensors; ``total`` is the
@@ -218,7 +244,7 @@ def moment_regularized_loss(
         raise MomentInputError(
             f"y: expected labels for the {x.shape[0]} inputs of x, got {shape}"
         )
-    output, surrogate = expected_prediction(model, x, sigma)
+    output, surrogate = expected_prediction(model, x, sigma, moments)
     clean_term = F.cross_entropy(output, y)
     moment_term = F.cross_entropy(surrogate, y)
     return clean_term + alpha * moment_term, clean_term, moment_term
@@ -235,8 +261,11 @@ class MomentRegularizedLoss(nn.Module):
 
     sigma: SigmaLike
 
-    def __init__(self, sigma: SigmaLike, alpha: float) -> None:
+    def __init__(self, sigma: SigmaLike, alpha: float, moments: str = "first_relu") -> None:
         super().__init__()
+        if moments not in MOMENTS:
+            raise MomentInputError(f"moments: expected one of {MOMENTS}, got {moments!r}")
+        self.moments = moments
         sigma_t = _check_sigma_values(sigma)
         self.alpha = _check_alpha(alpha)
         if isinstance(sigma, torch.Tensor):
@@ -249,8 +278,8 @@ class MomentRegularizedLoss(nn.Module):
     def forward(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return moment_regularized_loss(model, x, y, self.sigma, self.alpha)
+        return moment_regularized_loss(model, x, y, self.sigma, self.alpha, self.moments)
 
     def extra_repr(self) -> str:
         sigma = self.sigma if isinstance(self.sigma, float) else tuple(self.sigma.shape)
-        return f"sigma={sigma}, alpha={self.alpha}"
+        return f"sigma={sigma}, alpha={self.alpha}, moments={self.moments!r}"
