@@ -16,8 +16,8 @@ three are exactly ``-T(-|mu|, theta) T(|mu|, theta)``. The form holds no term in
 means' squares, so it does not cancel when the variance is tiny against ``m^2``
 (the naive ``E[max^2] - E[max]^2`` loses every digit there); the mixture part
 ``v1 Phi(a) + v2 Phi(-a)`` is at least ``T(-|mu|) T(|mu|)`` and at most about 1.6 times it
-at ``a = 0``, so the remaining subtraction loses at most a digit. ``T`` comes from
-:func:`momentkit.relu.relu_mean` (accurate in its lower tail), and the mean is
+at ``a = 0``, so the remaining subtraction loses at most a digit. ``T(-|mu|)`` comes from
+:func:`lower_relu_mean` (accurate in the tail), and the mean is
 written as ``max(m1, m2) + T(-|mu|, theta)``, so it too is free of cancellation.
 
 Stein's lemma: for any ``Z`` jointly Gaussian with ``(X1, X2)``,
@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from momentkit.relu import relu_mean
-from momentkit.special import normal_cdf
+from momentkit.special import mills_ratio, normal_cdf, normal_pdf
 
-__all__ = ["clark_max", "stein_weight"]
+__all__ = ["clark_max", "lower_relu_mean", "stein_weight"]
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -67,6 +66,27 @@ def stein_weight(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return torch.where(pos, normal_cdf(mean / s), _step(mean))
 
 
+def lower_relu_mean(x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``T(x, s) = E[ReLU(N(x, s^2))]`` for ``x <= 0`` (the side where it is small).
+
+    With ``t = -x / s >= 0``: ``T = s phi(t) (1 - t R(t))``, ``R`` the Mills ratio
+    (through ``erfcx``, no underflow). Evaluated in float64; the subtraction
+    ``1 - t R(t) ~ 1/t^2`` costs ``log10(1 + t^2)`` digits, so the relative error is
+    below about ``1e-16 (1 + t^2) < 3e-13`` wherever ``T`` is a normal float64 number
+    (``t < 38``); tested against :func:`momentkit.relu.relu_mean`. A cheaper stand-in
+    for ``relu_mean`` on this half-line, which Clark's maximum evaluates once per merge.
+    At ``var = 0``: ``T = 0`` with derivative ``1/2`` at ``x = 0`` and 0 below.
+    """
+    dtype = torch.promote_types(x.dtype, var.dtype)
+    x64, v64 = x.double(), var.double()
+    pos = v64 > _floor(torch.float64)
+    s = torch.where(pos, v64, torch.ones_like(v64)).sqrt()
+    t = torch.where(pos, -x64 / s, torch.zeros_like(x64))
+    val = s * normal_pdf(t) * (1.0 - t * mills_ratio(t))
+    tie = torch.where(x64 < 0, torch.zeros_like(x64), 0.5 * x64)
+    return torch.where(pos, val, tie).to(dtype)
+
+
 def clark_max(
     m1: torch.Tensor,
     v1: torch.Tensor,
@@ -87,7 +107,7 @@ def clark_max(
     first = mu >= 0
     # T(-|mu|, theta), written so that its derivative in mu has the right sign on each
     # side (at mu = 0 it gives dE/dm1 = 1 - 1/2).
-    tail = relu_mean(torch.where(first, -mu, mu), theta2)
+    tail = lower_relu_mean(torch.where(first, -mu, mu), theta2)
     mean = torch.where(first, m1, m2) + tail
     pos = theta2 > _floor(theta2.dtype)
     theta = torch.where(pos, theta2, torch.ones_like(theta2)).sqrt()

@@ -39,31 +39,51 @@ CHAIN_ORDERS = ("mean", "raster")
 chain_order = "mean"
 
 
-def window_indices(layer: nn.MaxPool2d, h: int, w: int, device) -> tuple[torch.Tensor, ...]:
-    """For each output position ``(L,)`` the flat input positions of its window
-    ``(L, k*k)`` (``-1`` for padding), valid ones first; and the output size."""
+def _geometry(layer: nn.MaxPool2d, h: int, w: int):
     k, s, p, d = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
     out = F.max_pool2d(torch.zeros(1, 1, h, w), k, s, p, d, layer.ceil_mode).shape[-2:]
     k, s, p, d = (torch.nn.modules.utils._pair(v) for v in (k, s, p, d))
-    pos = torch.arange(1, h * w + 1, dtype=torch.float64).view(1, 1, h, w)
     extra = [
         max(0, (out[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1 - ((h, w)[i] + 2 * p[i]))
         for i in range(2)
     ]
-    pos = F.pad(pos, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]))
-    idx = F.unfold(pos, k, d, 0, s)[0].T.round().long() - 1  # (L, kk)
-    valid = idx >= 0
-    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-    idx = idx.gather(1, order)
-    return idx.to(device), (idx >= 0).to(device), tuple(out)
+    return k, s, p, d, extra, tuple(out)
 
 
-def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t`` ``(..., H, W)`` -> windows ``(..., L, kk)``."""
-    flat = t.flatten(-2)
-    return flat.index_select(-1, idx.clamp_min(0).flatten()).reshape(
-        *flat.shape[:-1], *idx.shape
-    )
+def _gather(t: torch.Tensor, geom) -> torch.Tensor:
+    """``t`` ``(..., H, W)`` -> windows ``(..., L, kk)`` in raster order (padding: 0),
+    through strided views (one copy)."""
+    k, s, p, d, extra, out = geom
+    t = F.pad(t, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]))
+    span = [d[i] * (k[i] - 1) + 1 for i in range(2)]
+    win = t.unfold(-2, span[0], s[0]).unfold(-2, span[1], s[1])[..., :: d[0], :: d[1]]
+    win = win[..., : out[0], : out[1], :, :]
+    return win.reshape(*win.shape[:-4], out[0] * out[1], k[0] * k[1])
+
+
+def window_indices(layer: nn.MaxPool2d, h: int, w: int, device) -> tuple[torch.Tensor, ...]:
+    """For each output position ``(L,)`` the flat input positions of its window
+    ``(L, k*k)`` in raster order (``-1`` for padding), the mask of valid ones, and the
+    output size."""
+    geom = _geometry(layer, h, w)
+    pos = torch.arange(1, h * w + 1, dtype=torch.float64).view(h, w)
+    idx = _gather(pos, geom).round().long() - 1
+    return idx.to(device), (idx >= 0).to(device), geom[-1]
+
+
+def _merge(has, ok, m, v, mj, vj, cross):
+    """One link of the chain: ``max(M, X_j)``; where ``X_j`` is padding ``M`` stays, and
+    where ``M`` holds no unit yet (padding so far) ``X_j`` is taken. Returns the new
+    ``(has, m, v, w1, w2)`` with the Stein weights (0/1 in those two cases)."""
+    mc, vc, w1, w2 = clark_max(m, v, mj, vj, cross)
+    use = ok & has
+    take = ok & ~has
+    one, zero = torch.ones_like(w1), torch.zeros_like(w1)
+    w1 = torch.where(use, w1, torch.where(take, zero, one))
+    w2 = torch.where(use, w2, torch.where(take, one, zero))
+    m = torch.where(use, mc, torch.where(take, mj, m))
+    v = torch.where(use, vc, torch.where(take, vj, v))
+    return has | ok, m, v, w1, w2
 
 
 def _sort_by_mean(mean, valid, *others):
@@ -83,30 +103,30 @@ def max_pool2d(layer: nn.MaxPool2d, state: State) -> State:
     """Moments after ``layer`` (any kernel, stride, padding, dilation, ceil mode)."""
     n, c, h, w = state.mean.shape
     idx, valid, out = window_indices(layer, h, w, state.mean.device)
-    mean_w = _gather(state.mean, idx)  # (N, C, L, kk)
     if state.cov is not None:
         return _max_pool_full(state, idx, valid, out)
-    var_w = _gather(total_var(state), idx)
+    geom = _geometry(layer, h, w)
+    mean_w = _gather(state.mean, geom)  # (N, C, L, kk)
+    var_w = _gather(total_var(state), geom)
     if state.factor is None:
-        mean_w, valid_w, var_w = _sort_by_mean(mean_w, valid, (var_w, None))
-        m, v = mean_w[..., 0], var_w[..., 0]
+        mean_w, ok_w, var_w = _sort_by_mean(mean_w, valid, (var_w, None))
+        has, m, v = ok_w[..., 0], mean_w[..., 0], var_w[..., 0]
         for j in range(1, idx.shape[1]):
-            mj, vj = clark_max(m, v, mean_w[..., j], var_w[..., j], 0.0)[:2]
-            ok = valid_w[..., j]
-            m, v = torch.where(ok, mj, m), torch.where(ok, vj, v)
+            has, m, v, _, _ = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], 0.0)
         return State(m.reshape(n, c, *out), v.reshape(n, c, *out))
-    fac_w = _gather(state.factor, idx)  # (B, K, C, L, kk)
+    fac_w = _gather(state.factor, geom)  # (B, K, C, L, kk)
     fac_w = fac_w.expand(n, *fac_w.shape[1:])
-    mean_w, valid_w, var_w, fac_w = _sort_by_mean(mean_w, valid, (var_w, None), (fac_w, 1))
-    m, v, f = mean_w[..., 0], var_w[..., 0], fac_w[..., 0]
+    mean_w, ok_w, var_w, fac_w = _sort_by_mean(mean_w, valid, (var_w, None), (fac_w, 1))
+    has, m, v, f = ok_w[..., 0], mean_w[..., 0], var_w[..., 0], fac_w[..., 0]
+    fsq = (f * f).sum(1)
     for j in range(1, idx.shape[1]):
         fj = fac_w[..., j]
         cross = (f * fj).sum(1)
-        mj, vj, w1, w2 = clark_max(m, v, mean_w[..., j], var_w[..., j], cross)
-        ok = valid_w[..., j]
-        m, v = torch.where(ok, mj, m), torch.where(ok, vj, v)
-        f = torch.where(ok.unsqueeze(1), w1.unsqueeze(1) * f + w2.unsqueeze(1) * fj, f)
-    rem = (v - (f * f).sum(1)).clamp_min(0.0)
+        has, m, v, w1, w2 = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], cross)
+        fj_sq = (fj * fj).sum(1)
+        fsq = w1 * w1 * fsq + w2 * w2 * fj_sq + 2.0 * w1 * w2 * cross
+        f = w1.unsqueeze(1) * f + w2.unsqueeze(1) * fj
+    rem = (v - fsq).clamp_min(0.0)
     return State(m.reshape(n, c, *out), rem.reshape(n, c, *out), f.reshape(n, -1, c, *out))
 
 
@@ -126,17 +146,13 @@ def _max_pool_full(state: State, idx, valid, out) -> State:
     )
     first = units_w[..., 0]
     cov_m = cov.gather(1, first.unsqueeze(-1).expand(-1, -1, cov.shape[-1]))  # (N, Dout, D)
-    m, v = mean_w[..., 0], var_w[..., 0]
-    weights = [torch.ones_like(m)]
+    has, m, v = ok_w[..., 0], mean_w[..., 0], var_w[..., 0]
+    weights = [has.to(m.dtype)]
     for j in range(1, units.shape[1]):
         uj = units_w[..., j]
         cov_j = cov.gather(1, uj.unsqueeze(-1).expand(-1, -1, cov.shape[-1]))
         cross = cov_m.gather(2, uj.unsqueeze(-1)).squeeze(-1)
-        mj, vj, w1, w2 = clark_max(m, v, mean_w[..., j], var_w[..., j], cross)
-        ok = ok_w[..., j]
-        w1 = torch.where(ok, w1, torch.ones_like(w1))
-        w2 = torch.where(ok, w2, torch.zeros_like(w2))
-        m, v = torch.where(ok, mj, m), torch.where(ok, vj, v)
+        has, m, v, w1, w2 = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], cross)
         cov_m = w1.unsqueeze(-1) * cov_m + w2.unsqueeze(-1) * cov_j
         weights = [wt * w1 for wt in weights] + [w2]
     wts = torch.stack(weights, -1)  # (N, Dout, kk) weights of the sorted elements

@@ -8,7 +8,7 @@ import mpmath as mp
 import pytest
 import torch
 
-from momentkit.network.gaussian_max import clark_max, stein_weight
+from momentkit.network.gaussian_max import clark_max, lower_relu_mean, stein_weight
 
 mp.mp.dps = 40
 
@@ -83,7 +83,7 @@ def test_naive_variance_cancels_but_ours_does_not():
 
 def test_against_monte_carlo():
     gen = torch.Generator().manual_seed(0)
-    n = 400_000
+    n = 200_000
     for m1, v1, m2, v2, rho in CASES[:5]:
         cov = torch.tensor([[v1, rho * math.sqrt(v1 * v2)], [rho * math.sqrt(v1 * v2), v2]])
         chol = torch.linalg.cholesky(cov.double() + 1e-12 * torch.eye(2, dtype=torch.float64))
@@ -129,3 +129,31 @@ def test_stein_weight_limits():
     w = stein_weight(m, v)
     assert w.tolist()[:3] == [1.0, 0.0, 0.5]
     assert float(w[3]) == pytest.approx(0.5 * math.erfc(-1 / math.sqrt(2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_lower_relu_mean_matches_the_core(dtype, rtol):
+    # Against momentkit.relu.relu_mean (continued fraction, 1e-12 contract), over x/s in
+    # [-37, 0] and s from 1e-20 to 1e8; rtol: its contract plus our 3e-13 (float64), a
+    # few float32 eps.
+    from momentkit.relu import relu_mean
+
+    z = -torch.cat([torch.linspace(0, 5, 51), torch.linspace(5, 37, 33)]).double()
+    s = torch.tensor([1e-20, 1e-3, 1.0, 1e8], dtype=torch.float64)
+    x = (z[:, None] * s[None, :]).to(dtype)
+    var = (s * s).expand_as(x).to(dtype)
+    ref = relu_mean(x.double(), var.double())
+    ours = lower_relu_mean(x, var).double()
+    ok = ref > torch.finfo(dtype).tiny / torch.finfo(dtype).eps
+    rel = ((ours - ref).abs() / ref.clamp_min(1e-300))[ok]
+    assert float(rel.max()) < rtol
+
+
+def test_lower_relu_mean_gradients():
+    x = torch.tensor([-0.5, -3.0, -10.0, 0.0], dtype=torch.float64, requires_grad=True)
+    v = torch.tensor([1.0, 0.5, 2.0, 0.3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lower_relu_mean, (x, v))
+    x0 = torch.tensor([0.0, -1.0], dtype=torch.float64, requires_grad=True)
+    v0 = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    lower_relu_mean(x0, v0).sum().backward()
+    assert x0.grad.tolist() == [0.5, 0.0] and torch.isfinite(v0.grad).all()

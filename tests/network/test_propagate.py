@@ -155,10 +155,11 @@ def test_dead_units_ties_and_zero_variance_give_finite_gradients(mode):
         assert torch.isfinite(p.grad).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_small_network(mode):
     model = lenet_like(nn.MaxPool2d(2))
-    x = torch.rand(1, 1, 8, 8, dtype=F64)
+    x = torch.rand(1, 1, 4, 4, dtype=F64)
     sigma = torch.tensor([0.3], dtype=F64, requires_grad=True)
     w = model[4].weight.detach().clone().requires_grad_()
     del model[4].weight  # a plain tensor attribute, so that gradcheck's copies flow in
@@ -208,5 +209,5 @@ def test_unsupported_layers_and_ops_are_named():
     with pytest.raises(MomentInputError, match="FULL_MAX_UNITS"):
         network_moments(wide, torch.rand(1, 2), 0.1, covariance="full")
     with pytest.raises(MomentInputError, match="padding_mode"):
-        network_moments(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular"),
+        network_moments(nn.Sequential(nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular")),
                         torch.rand(1, 1, 4, 4), 0.1)
