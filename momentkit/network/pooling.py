@@ -7,11 +7,13 @@ the running maximum ``M`` with the next unit ``X_j`` comes from Stein's lemma:
 ``Cov(max(M, X), X_j) = Phi(a) Cov(M, X_j) + Phi(-a) Cov(X, X_j)``, so the chain only
 needs the window's pairwise covariances, carried as weights over the window.
 
-Order: units are merged in decreasing order of their means (per window). Merging the
-likely winners first keeps the running maximum close to Gaussian (a maximum of
-units that are rarely the largest adds only a small, skewed correction at the end);
-on the paper's LeNet it gave a smaller error against Monte Carlo than the raster
-order (``docs/network_moments.md``). Padding positions (``-inf`` in PyTorch) never win
+Order: units are merged in decreasing order of their means (per window), so that the
+likely winners come first and units that are rarely the largest add only a small
+correction at the end. The order matters little on the paper's LeNet (max-pool of
+pre-activations, 3 MNIST images, against Monte Carlo): mean / median variance error
+0.23% / 6.7% against 0.25% / 7.5% in raster order at ``sigma_x = 0.1`` and 0.74% / 14.4%
+against 0.88% / 15.3% at 0.5 with random weights; equal variance errors (15.3%, 38.4%)
+with trained weights. Padding positions (``-inf`` in PyTorch) never win
 and are skipped.
 
 Per representation: ``"diagonal"`` takes the window's units as independent
