@@ -25,6 +25,7 @@ from importlib.metadata import version as _version
 from momentkit.affine import Normalize, affine_moments
 from momentkit.certification import certified_accuracy
 from momentkit.errors import MomentInputError
+from momentkit.network import NetworkMoments, network_moments
 from momentkit.regularizer import (
     ExpectedPrediction,
     MomentRegularizedLoss,
@@ -61,6 +62,7 @@ __all__ = [
     "ExpectedPrediction",
     "MomentInputError",
     "MomentRegularizedLoss",
+    "NetworkMoments", "network_moments",
     "RobustnessResult",
     "Upsilon",
     "Normalize",

@@ -128,8 +128,25 @@ def _input_variance(
     )
 
 
+MOMENTS = ("first_relu", "network")
+"""The ``moments`` choices of the surrogate: the paper's first-ReLU split, or every layer."""
+
+
+def _network_surrogate(model: nn.Module, x: torch.Tensor, sigma: SigmaLike, moments: str,
+                       fn: str) -> ExpectedPrediction:
+    """``moments="network"``: the output mean of :func:`momentkit.network_moments` in its
+    ``"diagonal"`` mode (every layer, independent units)."""
+    if moments not in MOMENTS:
+        raise MomentInputError(f"{fn}: moments must be one of {MOMENTS}, got {moments!r}")
+    from momentkit.network import network_moments  # the network package imports this one
+
+    return ExpectedPrediction(
+        model(x), network_moments(model, x, sigma, covariance="diagonal").mean
+    )
+
+
 def expected_prediction(
-    model: nn.Module, x: torch.Tensor, sigma: SigmaLike
+    model: nn.Module, x: torch.Tensor, sigma: SigmaLike, moments: str = "first_relu"
 ) -> ExpectedPrediction:
     """``Phi(x)`` and the expected-prediction surrogate ``Omega(mu3)`` (Eq. 4) in one call.
 
@@ -147,6 +164,9 @@ def expected_prediction(
             (:func:`momentkit.split.split_at_first_relu`).
         x: input batch ``(N, ...)`` in pixel units.
         sigma: pixel-space noise standard deviation, >= 0.
+        moments: ``"first_relu"`` (the paper's ``Omega(mu3)``) or ``"network"`` (the
+            mean of every layer's moments, :func:`momentkit.network_moments` with
+            ``covariance="diagonal"``; no split needed).
 
     Returns:
         ``ExpectedPrediction(output, surrogate)``, each of the network's output shape.
@@ -166,7 +186,7 @@ def expected_prediction(
             overflowed. No NaN is ever returned. Messages start with the name of the
             function called (``expected_prediction`` or ``moment_regularized_loss``).
     """
-    return _expected_prediction(model, x, sigma, "expected_prediction")
+    return _expected_prediction(model, x, sigma, "expected_prediction", moments)
 
 
 def _nonfinite_error(model: nn.Module, what: str, dtype: torch.dtype, fn: str):
@@ -185,9 +205,11 @@ def _nonfinite_error(model: nn.Module, what: str, dtype: torch.dtype, fn: str):
 
 
 def _expected_prediction(
-    model: nn.Module, x: torch.Tensor, sigma: SigmaLike, fn: str
+    model: nn.Module, x: torch.Tensor, sigma: SigmaLike, fn: str, moments: str = "first_relu"
 ) -> ExpectedPrediction:
     """:func:`expected_prediction` with errors naming ``fn``."""
+    if moments != "first_relu":
+        return _network_surrogate(model, x, sigma, moments, fn)
     upsilon, omega = _cached_split(model, fn)
     work = compute_dtype(x.dtype) if isinstance(x, torch.Tensor) else None
     var_in = _input_variance(sigma, x, fn, dtype=work)
@@ -212,13 +234,19 @@ def _expected_prediction(
 
 
 def moment_regularized_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: SigmaLike, alpha: float
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sigma: SigmaLike,
+    alpha: float,
+    moments: str = "first_relu",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The regularized training loss of Eq. 3 with the surrogate of Eq. 4.
 
     ``total = CE(Phi(x), y) + alpha * CE(Omega(mu3), y)`` with the batch-mean cross
     entropy. ``y`` holds class indices ``(N,)`` (or class probabilities, as
-    ``F.cross_entropy`` accepts).
+    ``F.cross_entropy`` accepts). ``moments`` chooses the surrogate, as in
+    :func:`expected_prediction`.
 
     Returns:
         ``(total, clean_term, moment_term)``, three scalar tensors; ``total`` is the
@@ -239,7 +267,7 @@ def moment_regularized_loss(
         raise MomentInputError(
             f"{fn}: y must hold labels for the {x.shape[0]} inputs of x, got {shape}"
         )
-    output, surrogate = _expected_prediction(model, x, sigma, fn)
+    output, surrogate = _expected_prediction(model, x, sigma, fn, moments)
     clean_term = F.cross_entropy(output, y)
     moment_term = F.cross_entropy(surrogate, y)
     return clean_term + alpha * moment_term, clean_term, moment_term
@@ -256,9 +284,15 @@ class MomentRegularizedLoss(nn.Module):
 
     sigma: SigmaLike
 
-    def __init__(self, sigma: SigmaLike, alpha: float) -> None:
-        """Fix ``sigma`` (pixel-space noise std) and ``alpha`` (weight of the moment term)."""
+    def __init__(self, sigma: SigmaLike, alpha: float, moments: str = "first_relu") -> None:
+        """Fix ``sigma`` (pixel-space noise std), ``alpha`` (weight of the moment term) and
+        ``moments`` (``"first_relu"``, the paper's surrogate, or ``"network"``)."""
         super().__init__()
+        if moments not in MOMENTS:
+            raise MomentInputError(
+                f"MomentRegularizedLoss: moments must be one of {MOMENTS}, got {moments!r}"
+            )
+        self.moments = moments
         sigma_t = check_sigma_tensor(sigma, "MomentRegularizedLoss")
         self.alpha = check_scalar(alpha, "alpha", "MomentRegularizedLoss")
         if isinstance(sigma, torch.Tensor):
@@ -272,9 +306,9 @@ class MomentRegularizedLoss(nn.Module):
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(total, clean, moment)``: :func:`moment_regularized_loss` of ``model`` on a batch."""
-        return moment_regularized_loss(model, x, y, self.sigma, self.alpha)
+        return moment_regularized_loss(model, x, y, self.sigma, self.alpha, self.moments)
 
     def extra_repr(self) -> str:
         """``sigma=..., alpha=...`` for ``repr`` (a tensor ``sigma`` by its shape)."""
         sigma = self.sigma if isinstance(self.sigma, float) else tuple(self.sigma.shape)
-        return f"sigma={sigma}, alpha={self.alpha}"
+        return f"sigma={sigma}, alpha={self.alpha}, moments={self.moments!r}"

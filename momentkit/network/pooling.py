@@ -1,0 +1,175 @@
+"""Max-pooling of Gaussian activations: chained Clark maxima over each window.
+
+A ``k x k`` window is a maximum of up to ``k^2`` correlated Gaussian units. It is
+computed as a chain of pairwise maxima (:func:`.gaussian_max.clark_max`), each
+intermediate maximum moment-matched to a Gaussian (Clark 1961). The covariance of
+the running maximum ``M`` with the next unit ``X_j`` comes from Stein's lemma:
+``Cov(max(M, X), X_j) = Phi(a) Cov(M, X_j) + Phi(-a) Cov(X, X_j)``, so the chain only
+needs the window's pairwise covariances, carried as weights over the window.
+
+Order: units are merged in decreasing order of their means (per window), so that the
+likely winners come first and units that are rarely the largest add only a small
+correction at the end. The order matters little on the paper's LeNet (max-pool of
+pre-activations, 3 MNIST images, against Monte Carlo): mean / median variance error
+0.23% / 6.7% against 0.25% / 7.5% in raster order at ``sigma_x = 0.1`` and 0.74% / 14.4%
+against 0.88% / 15.3% at 0.5 with random weights; equal variance errors (15.3%, 38.4%)
+with trained weights. Padding positions (``-inf`` in PyTorch) never win
+and are skipped.
+
+Per representation: ``"diagonal"`` takes the window's units as independent
+(correlation 0); ``"factor"`` takes their covariances from the factor
+(``C_i . C_j``; remainders independent) and gives the output factor
+``sum_j w_j C_j``; ``"full"`` uses the carried covariance, and the covariance of two
+outputs is ``W Sigma W^T`` (Stein's lemma once per output) with Clark's variances on
+the diagonal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from momentkit.network.gaussian_max import clark_max
+from momentkit.network.layers import State, total_var
+
+__all__ = ["CHAIN_ORDERS", "max_pool2d", "window_indices"]
+
+#: Orders of the chain: ``"mean"`` (decreasing mean, the default) or ``"raster"``
+#: (window order, row by row); :data:`chain_order` holds the one in use.
+CHAIN_ORDERS = ("mean", "raster")
+chain_order = "mean"
+
+
+def _geometry(layer: nn.MaxPool2d, h: int, w: int):
+    k, s, p, d = (layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+    out = F.max_pool2d(torch.zeros(1, 1, h, w), k, s, p, d, layer.ceil_mode).shape[-2:]
+    k, s, p, d = (torch.nn.modules.utils._pair(v) for v in (k, s, p, d))
+    extra = [
+        max(0, (out[i] - 1) * s[i] + d[i] * (k[i] - 1) + 1 - ((h, w)[i] + 2 * p[i]))
+        for i in range(2)
+    ]
+    return k, s, p, d, extra, tuple(out)
+
+
+def _gather(t: torch.Tensor, geom) -> torch.Tensor:
+    """``t`` ``(..., H, W)`` -> windows ``(..., L, kk)`` in raster order (padding: 0),
+    through strided views (one copy)."""
+    k, s, p, d, extra, out = geom
+    t = F.pad(t, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]))
+    span = [d[i] * (k[i] - 1) + 1 for i in range(2)]
+    win = t.unfold(-2, span[0], s[0]).unfold(-2, span[1], s[1])[..., :: d[0], :: d[1]]
+    win = win[..., : out[0], : out[1], :, :]
+    return win.reshape(*win.shape[:-4], out[0] * out[1], k[0] * k[1])
+
+
+def window_indices(layer: nn.MaxPool2d, h: int, w: int, device) -> tuple[torch.Tensor, ...]:
+    """For each output position ``(L,)`` the flat input positions of its window
+    ``(L, k*k)`` in raster order (``-1`` for padding), the mask of valid ones, and the
+    output size."""
+    geom = _geometry(layer, h, w)
+    pos = torch.arange(1, h * w + 1, dtype=torch.float64).view(h, w)
+    idx = _gather(pos, geom).round().long() - 1
+    return idx.to(device), (idx >= 0).to(device), geom[-1]
+
+
+def _merge(has, ok, m, v, mj, vj, cross):
+    """One link of the chain: ``max(M, X_j)``; where ``X_j`` is padding ``M`` stays, and
+    where ``M`` holds no unit yet (padding so far) ``X_j`` is taken. Returns the new
+    ``(has, m, v, w1, w2)`` with the Stein weights (0/1 in those two cases)."""
+    mc, vc, w1, w2 = clark_max(m, v, mj, vj, cross)
+    use = ok & has
+    take = ok & ~has
+    one, zero = torch.ones_like(w1), torch.zeros_like(w1)
+    w1 = torch.where(use, w1, torch.where(take, zero, one))
+    w2 = torch.where(use, w2, torch.where(take, one, zero))
+    m = torch.where(use, mc, torch.where(take, mj, m))
+    v = torch.where(use, vc, torch.where(take, vj, v))
+    return has | ok, m, v, w1, w2
+
+
+def _sort_by_mean(mean, valid, *others):
+    """Reorder each window by decreasing mean (padding last); unchanged in raster order."""
+    if chain_order == "raster":
+        return [mean, valid.expand_as(mean), *(t for t, _ in others)]
+    key = torch.where(valid, mean, torch.full_like(mean, -torch.inf))
+    order = torch.argsort(key.detach(), dim=-1, descending=True)
+    out = [mean.gather(-1, order), valid.expand_as(mean).gather(-1, order)]
+    for t, lead in others:
+        o = order.unsqueeze(lead) if lead is not None else order
+        out.append(t.gather(-1, o.expand(*t.shape[:-1], o.shape[-1])))
+    return out
+
+
+def max_pool2d(layer: nn.MaxPool2d, state: State) -> State:
+    """Moments after ``layer`` (any kernel, stride, padding, dilation, ceil mode)."""
+    n, c, h, w = state.mean.shape
+    idx, valid, out = window_indices(layer, h, w, state.mean.device)
+    if state.cov is not None:
+        return _max_pool_full(state, idx, valid, out)
+    geom = _geometry(layer, h, w)
+    mean_w = _gather(state.mean, geom)  # (N, C, L, kk)
+    var_w = _gather(total_var(state), geom)
+    if state.factor is None:
+        mean_w, ok_w, var_w = _sort_by_mean(mean_w, valid, (var_w, None))
+        has, m, v = ok_w[..., 0], mean_w[..., 0], var_w[..., 0]
+        for j in range(1, idx.shape[1]):
+            has, m, v, _, _ = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], 0.0)
+        return State(m.reshape(n, c, *out), v.reshape(n, c, *out))
+    fac_w = _gather(state.factor, geom)  # (B, K, C, L, kk)
+    fac_w = fac_w.expand(n, *fac_w.shape[1:])
+    mean_w, ok_w, var_w, fac_w = _sort_by_mean(mean_w, valid, (var_w, None), (fac_w, 1))
+    has, m, v, f = ok_w[..., 0], mean_w[..., 0], var_w[..., 0], fac_w[..., 0]
+    fsq = (f * f).sum(1)
+    for j in range(1, idx.shape[1]):
+        fj = fac_w[..., j]
+        cross = (f * fj).sum(1)
+        has, m, v, w1, w2 = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], cross)
+        fj_sq = (fj * fj).sum(1)
+        fsq = w1 * w1 * fsq + w2 * w2 * fj_sq + 2.0 * w1 * w2 * cross
+        f = w1.unsqueeze(1) * f + w2.unsqueeze(1) * fj
+    rem = (v - fsq).clamp_min(0.0)
+    return State(m.reshape(n, c, *out), rem.reshape(n, c, *out), f.reshape(n, -1, c, *out))
+
+
+def _max_pool_full(state: State, idx, valid, out) -> State:
+    n, c, h, w = state.mean.shape
+    hw = h * w
+    units = (torch.arange(c, device=idx.device).view(c, 1, 1) * hw + idx.clamp_min(0)).reshape(
+        c * idx.shape[0], -1
+    )  # (Dout, kk) flat unit index of each window element
+    ok_all = valid.repeat(c, 1)  # (Dout, kk)
+    cov = state.cov
+    mean_w = state.mean.reshape(n, -1)[:, units]  # (N, Dout, kk)
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+    var_w = diag[:, units]
+    mean_w, ok_w, var_w, units_w = _sort_by_mean(
+        mean_w, ok_all, (var_w, None), (units.expand(n, *units.shape), None)
+    )
+    first = units_w[..., 0]
+    cov_m = cov.gather(1, first.unsqueeze(-1).expand(-1, -1, cov.shape[-1]))  # (N, Dout, D)
+    has, m, v = ok_w[..., 0], mean_w[..., 0], var_w[..., 0]
+    weights = [has.to(m.dtype)]
+    for j in range(1, units.shape[1]):
+        uj = units_w[..., j]
+        cov_j = cov.gather(1, uj.unsqueeze(-1).expand(-1, -1, cov.shape[-1]))
+        cross = cov_m.gather(2, uj.unsqueeze(-1)).squeeze(-1)
+        has, m, v, w1, w2 = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], cross)
+        cov_m = w1.unsqueeze(-1) * cov_m + w2.unsqueeze(-1) * cov_j
+        weights = [wt * w1 for wt in weights] + [w2]
+    wts = torch.stack(weights, -1)  # (N, Dout, kk) weights of the sorted elements
+    # Cov(M_o, M_p) = sum_j w_pj Cov(M_o, X_{u_pj}).
+    picked = cov_m.gather(
+        2, units_w.reshape(n, 1, -1).expand(-1, cov_m.shape[1], -1)
+    ).reshape(n, cov_m.shape[1], *units_w.shape[1:])
+    out_cov = (picked * wts.unsqueeze(1)).sum(-1)
+    out_cov = 0.5 * (out_cov + out_cov.transpose(1, 2))
+    eye = torch.eye(out_cov.shape[-1], dtype=torch.bool, device=out_cov.device)
+    out_cov = torch.where(eye, torch.diag_embed(v), out_cov)
+    factor = None
+    if state.factor is not None:
+        f = state.factor.flatten(2).expand(n, -1, -1)  # (N, K, D)
+        fw = f.gather(2, units_w.reshape(n, 1, -1).expand(-1, f.shape[1], -1))
+        fw = fw.reshape(n, f.shape[1], *units_w.shape[1:])
+        factor = (fw * wts.unsqueeze(1)).sum(-1).reshape(n, -1, c, *out)
+    return State(m.reshape(n, c, *out), None, factor, out_cov)
