@@ -15,7 +15,7 @@ from pathlib import Path
 from experiments import rundir
 from experiments.checkpoints import best_model_from_checkpoint, load_checkpoint
 from experiments.cli import UsageError, add_runtime_args, check_device, format_robustness
-from experiments.config import METHODS, RunConfig
+from experiments.config import METHODS, MOMENTS, RunConfig
 from experiments.data import DATASETS
 from experiments.evaluation import default_sigmas, degenerate_warning, evaluate_model
 from experiments.models import MODELS
@@ -49,6 +49,7 @@ def _train(args: argparse.Namespace) -> int:
         eval_sigmas=args.eval_sigmas,
         eval_samples=args.eval_samples,
         test_subset=args.test_subset,
+        moments=args.moments,
     )
     out = Path(args.out) if args.out else Path("runs") / (
         f"{config.dataset}-{config.model}-{config.method}-{config.run_id()}"
@@ -86,6 +87,13 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=METHODS)
     p.add_argument("--sigma", type=float, default=0.0, help="training noise std (pixels)")
     p.add_argument("--alpha", type=float, default=0.0, help="regularizer weight (moment)")
+    p.add_argument(
+        "--moments",
+        choices=MOMENTS,
+        default="first_relu",
+        help="surrogate of the moment regularizer: the paper's first-ReLU split, or every "
+        "layer's moments (momentkit.network_moments)",
+    )
     p.add_argument("--folds", type=int, default=1, help="N~ of augment (clean + N~-1 noisy)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

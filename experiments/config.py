@@ -36,6 +36,8 @@ from experiments.data import DATASET_INFO, DATASETS
 from experiments.models import MODELS
 
 METHODS = ("baseline", "moment", "augment", "gaussian")
+MOMENTS = ("first_relu", "network")
+"""Surrogates of the moment regularizer (see :class:`RunConfig`)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,11 @@ class RunConfig:
     ``test_subset``: evaluate on this many test images (chosen with a fixed seed, so
     every run with the same value sees the same images); ``None`` uses all.
     ``batch_size``, ``lr``: ``None`` takes the model's Table 1 preset.
+    ``moments`` (method ``moment`` only): the surrogate of the regularizer,
+    ``"first_relu"`` (the paper's ``Omega(mu3)``) or ``"network"`` (the output mean of
+    every layer's Gaussian moments, :func:`momentkit.network_moments`). At its default it
+    is left out of :meth:`to_dict`, so run ids of runs made before the field existed stay
+    the same.
     ``eval_sigmas``: number of evenly spaced sigmas in [0, 0.5] for the robustness
     curve; ``eval_samples``: noise samples per image and sigma.
     """
@@ -115,6 +122,7 @@ class RunConfig:
     eval_sigmas: int = 30
     eval_samples: int = 1
     test_subset: int | None = None
+    moments: str = "first_relu"
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -126,6 +134,13 @@ class RunConfig:
         if self.model == "alexnet" and DATASET_INFO[self.dataset].size != 32:
             raise ValueError(
                 f"model: 'alexnet' needs 32x32 images; {self.dataset!r} has 28x28 (use 'lenet')"
+            )
+        if self.moments not in MOMENTS:
+            raise ValueError(f"moments: unknown {self.moments!r}; expected one of {list(MOMENTS)}")
+        if self.moments != "first_relu" and self.method != "moment":
+            raise ValueError(
+                f"moments: only method 'moment' has a surrogate to choose, got {self.moments!r} "
+                f"with method {self.method!r}"
             )
         object.__setattr__(self, "sigma", _as_float("sigma", self.sigma))
         object.__setattr__(self, "alpha", _as_float("alpha", self.alpha))
@@ -170,8 +185,11 @@ class RunConfig:
     # ------------------------------------------------------------------ serialization
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """All fields as a JSON-ready dict (``moments`` only when it is not the default)."""
+        d = dataclasses.asdict(self)
+        if d["moments"] == "first_relu":
+            del d["moments"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

@@ -134,7 +134,9 @@ def _batch_loss(
     if config.method == "moment":
         from momentkit.regularizer import moment_regularized_loss
 
-        total, _, moment_term = moment_regularized_loss(model, x, y, config.sigma, config.alpha)
+        total, _, moment_term = moment_regularized_loss(
+            model, x, y, config.sigma, config.alpha, moments=config.moments
+        )
         return total, moment_term.detach()
     return F.cross_entropy(model(x), y), None
 

@@ -57,7 +57,8 @@ def run_label(config: Mapping[str, Any]) -> str:
     if method == "augment":
         return f"augment N~={config.get('folds')} sigma={sigma:g}"
     if method == "moment":
-        return f"moment alpha={float(config.get('alpha') or 0):g} sigma={sigma:g}"
+        surrogate = " network" if config.get("moments", "first_relu") == "network" else ""
+        return f"moment{surrogate} alpha={float(config.get('alpha') or 0):g} sigma={sigma:g}"
     if method == "gaussian":
         return f"gaussian sigma={sigma:g}"
     return str(method)

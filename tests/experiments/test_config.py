@@ -96,3 +96,22 @@ def test_training_key_ignores_epochs_and_evaluation() -> None:
     same = dataclasses.replace(base, epochs=50, eval_sigmas=5, eval_samples=3, test_subset=10)
     assert same.training_key() == base.training_key() and same.run_id() != base.run_id()
     assert dataclasses.replace(base, seed=1).training_key() != base.training_key()
+
+
+def test_moments_field_keeps_old_run_ids_and_round_trips() -> None:
+    """The ``moments`` field is left out at its default, so committed run ids still match."""
+    import json
+    from pathlib import Path
+
+    results = Path(__file__).parents[2] / "docs/results/reduced-cpu/run_results"
+    for folder in sorted(results.iterdir())[:4]:
+        config = json.loads((folder / "results.json").read_text())["config"]
+        assert RunConfig.from_dict(config).run_id() == folder.name
+    net = RunConfig("mnist", "lenet", "moment", sigma=0.5, alpha=1.0, moments="network")
+    assert net.to_dict()["moments"] == "network"
+    assert RunConfig.from_dict(net.to_dict()) == net
+    assert net.run_id() != RunConfig("mnist", "lenet", "moment", sigma=0.5, alpha=1.0).run_id()
+    with pytest.raises(ValueError, match="^moments"):
+        RunConfig("mnist", "lenet", "baseline", moments="network")
+    with pytest.raises(ValueError, match="^moments"):
+        RunConfig("mnist", "lenet", "moment", sigma=0.5, alpha=1.0, moments="exact")

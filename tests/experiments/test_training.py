@@ -351,3 +351,23 @@ def test_an_unusable_device_or_a_file_as_out_dir_creates_nothing(tmp_path: Path)
     with pytest.raises(ValueError, match="exists and is not a folder"):
         run_training(RunConfig(epochs=1, **TINY), tmp_path / "file")
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_batch_loss_uses_the_configured_surrogate() -> None:
+    """``moments="network"`` reaches the regularizer: the moment term is the cross-entropy of
+    the whole-network mean, not of the first-ReLU surrogate."""
+    import torch.nn.functional as F
+
+    from experiments.config import RunConfig
+    from experiments.models import make_model
+    from experiments.training import _batch_loss
+    from momentkit.regularizer import expected_prediction
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 1, 28, 28), torch.tensor([3, 7])
+    for moments in ("first_relu", "network"):
+        config = RunConfig("mnist", "lenet", "moment", sigma=0.5, alpha=1.0, moments=moments)
+        model = make_model(config)
+        _, term = _batch_loss(model, config, x, y)
+        want = F.cross_entropy(expected_prediction(model, x, 0.5, moments=moments).surrogate, y)
+        assert torch.allclose(term, want.detach(), rtol=1e-5, atol=1e-6)
