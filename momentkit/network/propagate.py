@@ -318,8 +318,9 @@ def network_moments(
     Every activation is moment-matched to a Gaussian and carried through the graph
     (``torch.fx``). ``covariance`` selects what is kept of its correlations:
 
-    * ``"diagonal"``: independent units; cost about two forward passes. The mean is
-      good at small noise; the variance is not (units share the input noise, and the
+    * ``"diagonal"``: independent units; cost two passes of the linear layers plus
+      per-unit moment functions (measured: 21 forward passes of the paper's LeNet at
+      batch 64, ``benchmarks/bench_network_moments.py``). The mean is good at small noise; the variance is not (units share the input noise, and the
       correlations carry most of the output variance).
     * ``"factor"``: the covariance with the input noise as a factor ``C`` ``(K, D)``
       per layer plus an independent remainder: exact through affine maps (a network
