@@ -320,8 +320,9 @@ def network_moments(
 
     * ``"diagonal"``: independent units; cost two passes of the linear layers plus
       per-unit moment functions (measured: 21 forward passes of the paper's LeNet at
-      batch 64, ``benchmarks/bench_network_moments.py``). The mean is good at small noise; the variance is not (units share the input noise, and the
-      correlations carry most of the output variance).
+      batch 64, ``benchmarks/bench_network_moments.py``). The mean is good at small
+      noise; the variance is not (units share the input noise, and the correlations
+      carry most of the output variance).
     * ``"factor"``: the covariance with the input noise as a factor ``C`` ``(K, D)``
       per layer plus an independent remainder: exact through affine maps (a network
       without nonlinearity gets ``J Sigma J^T`` exactly), through ReLU and max by
