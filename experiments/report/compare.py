@@ -117,7 +117,7 @@ class FairComparison:
     comparisons: dict[str, dict[str, Interval]] = field(default_factory=dict)
 
     def clears_bar(self, record: RunRecord) -> bool:
-        """Accuracy at least :attr:`threshold` (within :data:`ACCURACY_SLACK`)."""
+        """Accuracy at least ``threshold`` (within :data:`ACCURACY_SLACK`)."""
         return record.accuracy >= self.threshold - ACCURACY_SLACK
 
     def qualifies(self, record: RunRecord) -> bool:

@@ -19,7 +19,7 @@ ReLU and LeakyReLU the mean and variance are exact (:func:`momentkit.relu.relu_m
 the factor is scaled by ``E[f'(X)]`` (Stein's lemma, exact under the Gaussian
 assumption), the remainder is what the factor leaves of the variance (``>= 0`` by
 the Cauchy-Schwarz inequality), and the full covariance is exact
-(:func:`momentkit.relu.relu_covariance`). Max-pooling is in :mod:`.pooling`.
+(:func:`momentkit.relu.relu_covariance`). Max-pooling is in :mod:`momentkit.network.pooling`.
 """
 
 from __future__ import annotations

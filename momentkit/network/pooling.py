@@ -1,7 +1,7 @@
 """Max-pooling of Gaussian activations: chained Clark maxima over each window.
 
 A ``k x k`` window is a maximum of up to ``k^2`` correlated Gaussian units. It is
-computed as a chain of pairwise maxima (:func:`.gaussian_max.clark_max`), each
+computed as a chain of pairwise maxima (:func:`momentkit.network.gaussian_max.clark_max`), each
 intermediate maximum moment-matched to a Gaussian (Clark 1961). The covariance of
 the running maximum ``M`` with the next unit ``X_j`` comes from Stein's lemma:
 ``Cov(max(M, X), X_j) = Phi(a) Cov(M, X_j) + Phi(-a) Cov(X, X_j)``, so the chain only
