@@ -2,8 +2,9 @@
 
 The network is traced with ``torch.fx`` and its graph walked node by node, each
 activation kept as a moment-matched Gaussian
-(:class:`momentkit.network.layers.State`): affine layers are exact, ReLU and LeakyReLU exact for Gaussian input, max-pooling by chained Clark
-maxima (:mod:`momentkit.network.pooling`). The moments are those of the network in eval mode
+(:class:`momentkit.network.layers.State`): affine layers are exact, ReLU and LeakyReLU
+exact for Gaussian input, max-pooling by chained Clark maxima
+(:mod:`momentkit.network.pooling`). The moments are those of the network in eval mode
 (BatchNorm with its running statistics, Dropout the identity), whatever
 ``model.training`` says.
 """

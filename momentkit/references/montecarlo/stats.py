@@ -33,7 +33,8 @@ class MonteCarloResult:
 
     Attributes:
         mean: ``(..., d)`` estimate of ``E[f(x)]`` (for
-            :func:`momentkit.references.montecarlo.monte_carlo_moments` the output's own shape ``(..., *out_shape)``).
+            :func:`momentkit.references.montecarlo.monte_carlo_moments` the output's own
+            shape ``(..., *out_shape)``).
         stderr: standard error of ``mean``, same shape.
         cov: ``(..., d, d)`` unbiased covariance estimate (``d`` = number of output
             values), or ``None`` when it was not asked for.
