@@ -11,8 +11,8 @@ model, interleaved round by round so that a busy machine slows all three alike:
   (``folds``-fold augmentation: clean images and noisy copies, noise drawn per batch);
 * ``gaussian``: Gaussian noise training in the style of Cohen et al. (2019),
   ``CE(Phi(x + sigma z), y)`` with one fresh draw per image and epoch,
-  ``z = counter_normal(seed, i, epoch)`` added in place by
-  :func:`experiments.augment.add_counter_normal_` (:func:`gaussian_batches`).
+  the batches of :func:`experiments.augment.gaussian_noise_batches` (the training
+  loop's own), noise added in place by :func:`experiments.augment.add_counter_normal_`.
 
 ``--batch-sizes`` times several batch sizes in the same rounds (one model per batch
 size), so that all ratios of a run are measured under the same load. Reported per
@@ -58,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from experiments import _philox_numba
-from experiments.augment import add_counter_normal_, augmented_batches
+from experiments.augment import augmented_batches, gaussian_noise_batches
 from experiments.data import ImageSet, iterate_batches, load_dataset
 from experiments.models import lenet
 from momentkit import regularizer
@@ -138,21 +138,6 @@ def load_train(args: argparse.Namespace) -> tuple[ImageSet, int]:
     return train, len(train) - round(0.1 * len(train))
 
 
-def gaussian_batches(data: ImageSet, batch_size: int, sigma: float, seed: int, epoch: int,
-                     generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of Gaussian noise training: ``x_i + sigma z(seed, i, epoch)`` per batch.
-
-    Every image gets one fresh draw per epoch (a step visits an image once per epoch),
-    a pure function of ``(seed, i, epoch)`` (:func:`experiments.augment.counter_normal`),
-    added in place (:func:`experiments.augment.add_counter_normal_`).
-    """
-    order = torch.randperm(len(data), generator=generator)
-    for start in range(0, len(data), batch_size):
-        index = order[start : start + batch_size].to(data.device)
-        x, y = data.batch(index)
-        yield add_counter_normal_(x, seed, index, torch.full_like(index, epoch), sigma), y
-
-
 def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches as the method's training loop forms them (epoch after epoch)."""
@@ -163,8 +148,8 @@ def batch_stream(method: str, train: ImageSet, args: argparse.Namespace
             yield from augmented_batches(train, args.batch_size, args.folds, args.sigma,
                                          args.seed, gen)
         elif method == "gaussian":
-            yield from gaussian_batches(train, args.batch_size, args.sigma, args.seed, epoch,
-                                        gen)
+            yield from gaussian_noise_batches(train, args.batch_size, args.sigma, args.seed,
+                                              epoch, gen)
         else:
             yield from iterate_batches(train, args.batch_size, generator=gen)
         epoch += 1
