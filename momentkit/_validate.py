@@ -201,7 +201,7 @@ def check_batch(x: torch.Tensor, fn: str) -> None:
     if x.dim() < 2:
         raise MomentInputError(
             f"{fn}: x must be a batch (N, ...) with at least 2 dimensions, got shape "
-            f"{tuple(x.shape)}"
+            f"{tuple(x.shape)}; pass a single input as x[None]"
         )
     if not x.is_floating_point():
         raise MomentInputError(f"{fn}: x must be a floating point tensor, got dtype {x.dtype}")

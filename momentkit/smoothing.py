@@ -48,7 +48,7 @@ from scipy import stats
 from torch import nn
 from tqdm.auto import tqdm
 
-from momentkit._validate import check_count, check_scalar
+from momentkit._validate import check_batch, check_count, check_finite, check_scalar
 from momentkit.errors import MomentInputError
 
 __all__ = [
@@ -118,18 +118,10 @@ def lower_confidence_bound(
 def _check_args(
     fn: str, x: torch.Tensor, sigma: float, alpha: float, batch_size: int, seed: int
 ) -> tuple[float, float, int, int]:
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise MomentInputError(
-            f"{fn}: x must be a batch (B, *image) with at least 2 dimensions, got {shape}; "
-            "pass a single image as x[None]"
-        )
-    if not x.is_floating_point():
-        raise MomentInputError(f"{fn}: x must be floating point, got {x.dtype}")
+    check_batch(x, fn)
     if x.shape[0] == 0:
         raise MomentInputError(f"{fn}: x holds no images (batch size 0)")
-    if not bool(torch.isfinite(x).all()):
-        raise MomentInputError(f"{fn}: x contains NaN or infinity")
+    check_finite(x, "x", fn)
     sigma_f = check_scalar(sigma, "sigma", fn)
     alpha_f = check_scalar(alpha, "alpha", fn, upper=1.0)
     if alpha_f == 0.0:
