@@ -50,6 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         eval_samples=args.eval_samples,
         test_subset=args.test_subset,
         moments=args.moments,
+        patience=args.patience,
     )
     out = Path(args.out) if args.out else Path("runs") / (
         f"{config.dataset}-{config.model}-{config.method}-{config.run_id()}"
@@ -103,6 +104,8 @@ def _register_train(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluate on K test images (at most the test set's size)")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset")
     p.add_argument("--lr", type=float, default=None, help="override the preset")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience in epochs (override the preset)")
     p.add_argument("--eval-sigmas", type=int, default=30)
     p.add_argument("--eval-samples", type=int, default=1)
     p.add_argument("--out", default=None, help="output folder (default runs/<name>-<id>)")

@@ -99,6 +99,9 @@ class RunConfig:
     ``test_subset``: evaluate on this many test images (chosen with a fixed seed, so
     every run with the same value sees the same images); ``None`` uses all.
     ``batch_size``, ``lr``: ``None`` takes the model's Table 1 preset.
+    ``patience``: early-stopping patience in epochs (the validation loss must fall
+    strictly within this many epochs); ``None`` takes the preset's (10 for LeNet, 20
+    for AlexNet). Like ``moments`` it is left out of :meth:`to_dict` at its default.
     ``moments`` (method ``moment`` only): the surrogate of the regularizer,
     ``"first_relu"`` (the paper's ``Omega(mu3)``) or ``"network"`` (the output mean of
     every layer's Gaussian moments, :func:`momentkit.network_moments`). At its default it
@@ -123,6 +126,7 @@ class RunConfig:
     eval_samples: int = 1
     test_subset: int | None = None
     moments: str = "first_relu"
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -150,6 +154,7 @@ class RunConfig:
         _check_int("seed", self.seed, 0)
         _check_int("train_subset", self.train_subset, 2, optional=True)
         _check_int("batch_size", self.batch_size, 1, optional=True)
+        _check_int("patience", self.patience, 1, optional=True)
         _check_int("eval_sigmas", self.eval_sigmas, 2)
         _check_int("eval_samples", self.eval_samples, 1)
         _check_int("test_subset", self.test_subset, 1, optional=True)
@@ -185,10 +190,13 @@ class RunConfig:
     # ------------------------------------------------------------------ serialization
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as a JSON-ready dict (``moments`` only when it is not the default)."""
+        """All fields as a JSON-ready dict (``moments`` and ``patience`` only when they are
+        not the default, so run ids of runs made before these fields existed stay the same)."""
         d = dataclasses.asdict(self)
         if d["moments"] == "first_relu":
             del d["moments"]
+        if d["patience"] is None:
+            del d["patience"]
         return d
 
     @classmethod
@@ -226,10 +234,12 @@ class RunConfig:
     # ------------------------------------------------------------------ hyper-parameters
 
     def preset(self) -> TrainPreset:
-        """The Table 1 preset of this model with ``batch_size`` / ``lr`` overrides applied."""
+        """The Table 1 preset of this model with the ``batch_size`` / ``lr`` / ``patience``
+        overrides applied."""
         base = PRESETS[self.model]
         return dataclasses.replace(
             base,
             batch_size=self.batch_size if self.batch_size is not None else base.batch_size,
             lr=self.lr if self.lr is not None else base.lr,
+            loss_patience=self.patience if self.patience is not None else base.loss_patience,
         )

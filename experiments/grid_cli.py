@@ -167,8 +167,9 @@ def _cmd_status(args: Any) -> int:
 
 
 def export_results(results_dir: str | Path, dest: str | Path) -> list[Path]:
-    """Copy each run's small files (:data:`EXPORTED_FILES`, never checkpoints) to
-    ``dest/run_results/<run_id>/`` and the grid manifests to ``dest/grids/``.
+    """Copy each run's small files (:data:`EXPORTED_FILES` and its certificates,
+    ``certify-sigma*.json``; never checkpoints) to ``dest/run_results/<run_id>/`` and the
+    grid manifests to ``dest/grids/``.
 
     The copy is what a report needs (``python -m experiments report DEST``) and small
     enough to commit. Returns the copied paths.
@@ -176,7 +177,8 @@ def export_results(results_dir: str | Path, dest: str | Path) -> list[Path]:
     src, out = Path(results_dir), Path(dest)
     copied = []
     for rdir in sorted((src / "runs").glob("*")):
-        for name in EXPORTED_FILES:
+        names = [*EXPORTED_FILES, *(p.name for p in sorted(rdir.glob(rundir.CERTIFY_PATTERN)))]
+        for name in names:
             if (rdir / name).is_file():
                 target = out / "run_results" / rdir.name / name
                 target.parent.mkdir(parents=True, exist_ok=True)

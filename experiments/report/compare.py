@@ -77,6 +77,7 @@ _SETTING_FIELDS = (
     "eval_samples",
     "batch_size",
     "lr",
+    "patience",
     "seed",
     "epochs",
 )

@@ -83,7 +83,7 @@ def test_run_id_changes_with_every_field() -> None:
     base = RunConfig("mnist", "lenet", "moment", sigma=0.5, alpha=1.0)
     changes = dict(dataset="cifar10", model="alexnet", sigma=0.25, alpha=2.0, epochs=5, seed=1,
                    train_subset=100, batch_size=10, lr=0.1, eval_sigmas=5, eval_samples=2,
-                   test_subset=50)
+                   test_subset=50, patience=2)
     ids = {base.run_id()}
     for name, value in changes.items():
         extra = {"dataset": "cifar10"} if name == "model" else {}
@@ -115,3 +115,15 @@ def test_moments_field_keeps_old_run_ids_and_round_trips() -> None:
         RunConfig("mnist", "lenet", "baseline", moments="network")
     with pytest.raises(ValueError, match="^moments"):
         RunConfig("mnist", "lenet", "moment", sigma=0.5, alpha=1.0, moments="exact")
+
+
+def test_patience_overrides_the_preset_and_keeps_old_run_ids() -> None:
+    base = RunConfig("mnist", "lenet", "baseline")
+    assert "patience" not in base.to_dict() and base.preset().loss_patience == 10
+    short = dataclasses.replace(base, patience=3)
+    assert short.preset().loss_patience == 3 and short.to_dict()["patience"] == 3
+    assert RunConfig.from_dict(short.to_dict()) == short
+    assert short.training_key() != base.training_key()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="^patience"):
+            RunConfig("mnist", "lenet", "baseline", patience=bad)

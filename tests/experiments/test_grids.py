@@ -230,12 +230,13 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-
+@pytest.mark.filterwarnings("ignore:skipping certificates")
 def test_export_copies_results_but_not_checkpoints(tmp_path: Path) -> None:
     configs = small_grid()
     results = tmp_path / "res"
     executors.run_local(configs, results, train_fn=Recorder(), progress=False)
     (locks.run_dir(results, configs[0]) / "checkpoint.pt").write_bytes(b"x" * 100)
+    (locks.run_dir(results, configs[0]) / "certify-sigma0.25.json").write_text("{}")
     write_manifest(load_grid("tiny"), results)
     dest = tmp_path / "docs"
     assert main(["grid", "export", str(results), str(dest)]) == 0
@@ -245,6 +246,7 @@ def test_export_copies_results_but_not_checkpoints(tmp_path: Path) -> None:
         for c in configs
         for f in ("config.json", "per_image.npz", "results.json")
     ]
+    expected.append(f"run_results/{configs[0].run_id()}/certify-sigma0.25.json")
     assert names == sorted(expected + ["grids/tiny.json"])
     assert sorted(r.run_id for r in collect_results(dest)) == sorted(c.run_id() for c in configs)
 
