@@ -25,6 +25,14 @@ commit() {
     fi
 }
 
+finished() {
+    local n=0 f
+    for f in "$results"/runs/*/results.json; do
+        if [ -f "$f" ]; then n=$((n + 1)); fi
+    done
+    echo "$n"
+}
+
 certify_finished() {
     [ ${#certify_args[@]} -eq 0 ] && return 0
     for run in "$results"/runs/*/; do
@@ -35,10 +43,10 @@ certify_finished() {
 }
 
 while true; do
-    before=$(ls "$results"/runs/*/results.json 2>/dev/null | wc -l)
+    before=$(finished)
     "$py" -m experiments grid run "$grid" --results-dir "$results" --limit 1 --no-progress \
         || echo "grid run exited with $? (see grid status)"
-    after=$(ls "$results"/runs/*/results.json 2>/dev/null | wc -l)
+    after=$(finished)
     certify_finished
     commit "docs/results: $grid, $after finished runs exported (scripts/grid_in_parts.sh)"
     if [ "$after" -eq "$before" ]; then
