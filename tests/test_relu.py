@@ -368,6 +368,7 @@ def test_bad_input_names_the_argument(call, match):
         call()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     mu = torch.linspace(-40, 40, 101, dtype=F64)

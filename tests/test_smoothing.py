@@ -229,6 +229,7 @@ def test_batches_are_bounded_and_mode_is_restored(batch_size: int) -> None:
     assert not any(model.modes) and model.training
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_is_deterministic_and_agrees_in_distribution() -> None:
     model, w, b = linear_classifier(22, device="cuda")

@@ -252,6 +252,7 @@ def test_module_estimator_bad_input():
         monte_carlo_moments(net, torch.zeros(2, 3, dtype=torch.int64), 1.0, 10)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_module_estimator_on_cuda_matches_theorem_1():
     net = _ara_module(4, 8, 2).cuda()
