@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from experiments import rundir
+from experiments import locks, rundir
 from experiments.cli import UsageError, add_runtime_args, check_device
 from experiments.data import resolve_data_root
 from experiments.grids import Grid, list_presets, load_grid, write_manifest
@@ -43,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--cpus-per-run", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None, help="override every run's seed")
     run.add_argument("--epochs", type=int, default=None, help="epochs of the paper-* presets")
-    run.add_argument("--limit", type=int, default=None, help="run at most this many runs")
+    run.add_argument("--limit", type=int, default=None,
+                     help="run at most this many of the grid's runs that are not done or "
+                          "running, in the grid's order")
     run.add_argument("--stale-after", type=float, default=600.0, help="seconds without heartbeat")
     run.add_argument("--run-progress", action="store_true", help="per-epoch progress")
     run.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
@@ -92,7 +94,14 @@ def _cmd_run(args: Any) -> int:
     if args.seed is not None:
         grid = grid.with_overrides(seed=args.seed)
     results = _results_dir(args, grid)
-    configs = list(grid.configs)[: args.limit] if args.limit else list(grid.configs)
+    configs = list(grid.configs)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise UsageError(f"--limit: must be at least 1, got {args.limit}")
+        open_states = ("pending", "failed")
+        configs = [c for c in configs if locks.run_state(locks.run_dir(results, c),
+                                                         args.stale_after) in open_states]
+        configs = configs[: args.limit]
     counts = ", ".join(f"{k} {v}" for k, v in grid.count_by_method().items())
     print(f"grid {grid.name}: {len(grid)} runs ({counts}) -> {results}")
     if args.dry_run:
@@ -123,7 +132,7 @@ def _cmd_run(args: Any) -> int:
             configs, results, workers=args.workers, run_progress=args.run_progress,
             threads_per_worker=args.threads, **common
         )
-    states = executors.scan_states(results, grid.run_ids()[: len(configs)], args.stale_after)
+    states = executors.scan_states(results, [c.run_id() for c in configs], args.stale_after)
     _print_counts(states)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:

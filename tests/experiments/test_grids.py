@@ -221,6 +221,17 @@ def test_status_command_counts_states(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["grid", "run", str(grid_file), "--dry-run", "--results-dir", str(results)]) == 0
     out = capsys.readouterr().out
     assert all(rid in out for rid in grid.run_ids())
+    # --limit counts only runs still to do: the failed one, then the pending one
+    ids = grid.run_ids()
+    for limit, listed in ((1, [ids[1]]), (2, ids[1:]), (5, ids[1:])):
+        assert main(["grid", "run", str(grid_file), "--dry-run", "--limit", str(limit),
+                     "--results-dir", str(results)]) == 0
+        out = capsys.readouterr().out
+        assert [rid for rid in ids if rid in out] == listed
+    for bad in ("0", "-1"):
+        assert main(["grid", "run", str(grid_file), "--dry-run", "--limit", bad,
+                     "--results-dir", str(results)]) == 2
+        assert "--limit: must be at least 1" in capsys.readouterr().err
     assert main(["grid", "list"]) == 0
     assert "paper-lenet-mnist" in capsys.readouterr().out
 
