@@ -59,8 +59,8 @@ def test_each_finished_run_is_certified_exported_and_committed(tmp_path, data_ro
     assert first.returncode == 0, first.stdout + first.stderr
     log = _git(repo, "log", "--format=%s").splitlines()
     # one commit per finished run, then none when nothing was left to do
-    assert [s.split(",")[1].strip() for s in log[:-1]] == ["2 finished runs exported",
-                                                          "1 finished runs exported"]
+    assert [s.split(", ")[1].split(" (")[0] for s in log[:-1]] == [
+        "2 finished runs exported", "1 finished runs exported"]
     runs = sorted((repo / "out" / "run_results").iterdir())
     assert len(runs) == 2
     for run in runs:
