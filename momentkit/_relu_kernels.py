@@ -326,13 +326,15 @@ class ZeroMeanKernel(torch.autograd.Function):
         return grad * torch.acos(-rho)
 
 
-def fast_tail_fraction(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fast_tail_fraction(
+    t: torch.Tensor, terms: int = FAST_CF_TERMS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For ``t >= FAST_TAIL_SWITCH``: ``g = 1 - t R(t)`` and ``w = R(t) - t g(t)`` (as
-    :func:`mills_tail`) with :data:`FAST_CF_TERMS` terms started from the tail's fixed
-    point, in ``t``'s dtype, in place where possible (no subtraction anywhere)."""
-    a = 2.0 * (FAST_CF_TERMS + 1)
+    :func:`mills_tail`) with ``terms`` terms started from the tail's fixed point, in
+    ``t``'s dtype (no subtraction anywhere)."""
+    a = 2.0 * (terms + 1)
     e = torch.addcmul(torch.full_like(t, 2.0 * a), t, t).sqrt_().add_(t).reciprocal_().mul_(a)
-    for k in range(FAST_CF_TERMS, 1, -1):
+    for k in range(terms, 1, -1):
         e = e.add_(t).reciprocal_().mul_(float(k))
     te = t + e
     c = te.reciprocal()
@@ -342,8 +344,9 @@ def fast_tail_fraction(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fast_moments(mu: torch.Tensor, var: torch.Tensor):
     """Mean, variance and ``Phi(z)`` of ``ReLU(N(mu, var))`` in float32, branch free, no
-    autograd; also ``(z, phi(z), h(z), 1/s)`` for the backward pass (``1/s = 0`` at
-    ``s = 0``). ``var`` broadcasts against ``mu``.
+    autograd; also ``(z, phi(z), h(z), 1/s, Phi(-z))`` for the backward pass (``1/s = 0``
+    at ``s = 0``; ``Phi(-z)`` accurate where it is small, unlike ``1 - Phi(z)``). ``var``
+    broadcasts against ``mu``.
 
     With ``t = |z|``, ``P = Phi(-t)`` (``erfc``, relatively accurate in the tail),
     ``phi = phi(t)`` and ``q = h(-t) = phi - t P`` (the small side of the mean):
@@ -369,12 +372,14 @@ def fast_moments(mu: torch.Tensor, var: torch.Tensor):
     cdf = torch.addcmul(lower, pos, torch.mul(lower, -2.0).add_(1.0))
     v = torch.add(q, t).mul_(q).neg_().add_(cdf)  # Phi(z) - h(-z) h(z)
     v_tail = torch.mul(g_t, g_t).mul_(phi).neg_().add_(w_t).mul_(phi)
-    v.addcmul_(sel.mul_(pos.neg_().add_(1.0)), v_tail.sub_(v))
+    not_pos = pos.neg_().add_(1.0)
+    cdf_neg = torch.addcmul(lower, not_pos, torch.mul(lower, -2.0).add_(1.0))  # Phi(-z)
+    v.addcmul_(sel.mul_(not_pos), v_tail.sub_(v))
     var_out = v.clamp_min_(0.0).mul_(var)
     mean = torch.relu(mu).addcmul_(s, q)
     h = torch.relu(z).add_(q)
     inv_s = torch.nan_to_num(s.reciprocal(), posinf=0.0)
-    return mean, var_out, cdf, (z, phi, h, inv_s)
+    return mean, var_out, cdf, (z, phi, h, inv_s, cdf_neg)
 
 
 class ReluMomentsFast(torch.autograd.Function):
@@ -394,18 +399,18 @@ class ReluMomentsFast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu, var):
-        mean, var_out, cdf, (z, phi, h, inv_s) = fast_moments(mu, var)
+        mean, var_out, cdf, (z, phi, h, inv_s, cdf_neg) = fast_moments(mu, var)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(mu, var, mean, cdf, z, phi, h, inv_s)
+        ctx.save_for_backward(mu, var, mean, cdf, z, phi, h, inv_s, cdf_neg)
         return mean, var_out, cdf
 
     @staticmethod
     def backward(ctx, g_mean, g_var, g_cdf):
-        mu, var, mean, cdf, z, phi, h, inv_s = ctx.saved_tensors
+        mu, var, mean, cdf, z, phi, h, inv_s, cdf_neg = ctx.saved_tensors
         if torch.is_grad_enabled():
             s = SafeSqrt.apply(var.clamp_min(0.0))
             z = standardize(mu, s)
-            cdf, phi = normal_cdf(z), normal_pdf(z)
+            cdf, cdf_neg, phi = normal_cdf(z), normal_cdf(-z), normal_pdf(z)
             h = ReluMean.apply(z, torch.ones_like(z))
             pos = s > 0
             inv_s = torch.where(pos, 1.0 / torch.where(pos, s, torch.ones_like(s)), 0.0)
@@ -414,7 +419,7 @@ class ReluMomentsFast(torch.autograd.Function):
             g_mu = g_mean * cdf
             g_v = g_mean * phi * (0.5 * inv_s)
         if g_var is not None:
-            d_mu = 2.0 * mean * (1.0 - cdf) * g_var
+            d_mu = mean * (2.0 * cdf_neg) * g_var  # 2 Phi(-z) <= 1 where T is large
             d_v = (cdf - h * phi) * g_var
             g_mu = d_mu if g_mu is None else g_mu + d_mu
             g_v = d_v if g_v is None else g_v + d_v
