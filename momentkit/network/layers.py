@@ -15,7 +15,8 @@ A :class:`State` is the moment-matched Gaussian of one activation tensor, batche
 Affine maps (:class:`Affine`) are exact in every representation: the mean goes
 through the layer, the factor's columns and the covariance's rows and columns
 through its linear part, diagonal variances through the squared weights. Through
-ReLU and LeakyReLU the mean and variance are exact (:func:`momentkit.relu.relu_moments`),
+ReLU and LeakyReLU the mean and variance are exact (:func:`relu_stats`: float64
+through :func:`momentkit.relu.relu_moments`, float32 through its fast path),
 the factor is scaled by ``E[f'(X)]`` (Stein's lemma, exact under the Gaussian
 assumption), the remainder is what the factor leaves of the variance (``>= 0`` by
 the Cauchy-Schwarz inequality), and the full covariance is exact
@@ -35,7 +36,9 @@ from momentkit._relu_kernels import ReluMomentsFast
 from momentkit.network.gaussian_max import stein_weight
 from momentkit.relu import relu_covariance, relu_moments
 
-__all__ = ["Affine", "State", "add", "concat", "leaky_relu", "reshape", "total_var"]
+__all__ = [
+    "Affine", "State", "add", "concat", "leaky_relu", "relu_stats", "reshape", "total_var",
+]
 
 
 @dataclass
@@ -96,9 +99,9 @@ def relu_stats(m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     float64 takes the accurate path (:func:`momentkit.relu.relu_moments`, exact to about
     1e-13, and :func:`~momentkit.network.gaussian_max.stein_weight`); float32 (and half
     precision, computed in float32) the fast path
-    :class:`momentkit._relu_kernels.ReluMomentsFast`: one pass of float32 elementwise
-    operations with analytic derivatives, error bounds in :mod:`momentkit.relu`. ``v``
-    may broadcast against ``m`` (a batch of 1).
+    ``momentkit._relu_kernels.ReluMomentsFast``: float32 elementwise operations only (no
+    masks, indexing or float64) with analytic derivatives; error bounds in
+    :mod:`momentkit.relu` ("Float32 fast path"). ``v`` may broadcast against ``m``.
     """
     if m.dtype == torch.float64 or v.dtype == torch.float64:
         r_mean, r_var = relu_moments(m, v)
