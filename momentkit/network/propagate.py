@@ -323,10 +323,12 @@ def network_moments(
     (``torch.fx``). ``covariance`` selects what is kept of its correlations:
 
     * ``"diagonal"``: independent units; cost two passes of the linear layers plus
-      per-unit moment functions (measured: 21 forward passes of the paper's LeNet at
-      batch 64, ``benchmarks/bench_network_moments.py``). The mean is good at small
-      noise; the variance is not (units share the input noise, and the correlations
-      carry most of the output variance).
+      per-unit moment functions (float32 activations take the ReLU moments' float32
+      fast path, :func:`momentkit.network.layers.relu_stats`; measured: 7.9 forward
+      passes of the paper's LeNet at batch 64 with 1 thread, three quarters of it in
+      the max-pooling, ``benchmarks/bench_network_moments.py``). The mean is good at
+      small noise; the variance is not (units share the input noise, and the
+      correlations carry most of the output variance).
     * ``"factor"``: the covariance with the input noise as a factor ``C`` ``(K, D)``
       per layer plus an independent remainder: exact through affine maps (a network
       without nonlinearity gets ``J Sigma J^T`` exactly), through ReLU and max by
@@ -353,8 +355,10 @@ def network_moments(
         the variance 0. Differentiable in the parameters and in ``sigma``.
 
     Raises:
-        MomentInputError: bad ``x`` or ``sigma``, an unknown ``covariance``, a mode past
-            its memory limit, or a layer or operation not supported (named).
+        MomentInputError: bad ``x`` or ``sigma`` (NaN or infinity in ``x`` included), an
+            unknown ``covariance``, a mode past its memory limit, a layer or operation
+            not supported (named), or an output mean or variance that is not finite
+            (naming the model's non-finite parameter, if any).
     """
     if not isinstance(model, nn.Module):
         raise MomentInputError(f"{_FN}: model must be an nn.Module, got {type(model).__name__}")
