@@ -14,12 +14,19 @@ Peak memory of the default mode for one image: the largest tensor it keeps is th
 factor, ``K x D`` numbers (``K = 784`` input pixels, ``D`` units of the widest layer),
 reported with the process's peak-RSS increase over the first call (``resource``).
 
+Where the time of ``"diagonal"`` goes: after the interleaved rounds, the same call is
+timed again with the max-pooling layers (chained Clark maxima) and the ReLU moments
+timed on their own (``diagonal_breakdown_s``: medians; the rest is the affine layers'
+mean and variance passes and the graph walk), and the ``moments="network"`` step split
+into its forward (loss) and backward passes (``network_step_split_s``).
+
     python -m benchmarks.bench_network_moments --rounds 5 --batch 64
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -31,12 +38,37 @@ import torch.nn.functional as F
 
 from experiments.models import lenet
 from momentkit import moment_regularized_loss, network_moments
+from momentkit.network import layers as _layers
+from momentkit.network import propagate as _propagate
 
 
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _stage_timers(acc: dict[str, float]):
+    """Time ``network_moments``'s max-pooling and ReLU layers on their own (into ``acc``)."""
+    patched = [(_propagate, "max_pool2d", "max_pool"), (_layers, "leaky_relu", "relu")]
+    originals = [getattr(mod, name) for mod, name, _ in patched]
+
+    def wrap(fn, key):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+    for (mod, name, key), fn in zip(patched, originals, strict=True):
+        setattr(mod, name, wrap(fn, key))
+    try:
+        yield
+    finally:
+        for (mod, name, _), fn in zip(patched, originals, strict=True):
+            setattr(mod, name, fn)
 
 
 def main() -> None:
@@ -46,8 +78,12 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: torch's own choice)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     model = lenet("mnist").to(dev).eval()
@@ -88,6 +124,23 @@ def main() -> None:
         for name, fn in methods.items():
             times[name].append(_timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
+    parts: dict[str, list[float]] = {"total": [], "max_pool": [], "relu": []}
+    split: dict[str, list[float]] = {"forward": [], "backward": []}
+    for _ in range(args.rounds):
+        acc: dict[str, float] = {}
+        with _stage_timers(acc):
+            parts["total"].append(_timed(methods["diagonal"]))
+        for key in ("max_pool", "relu"):
+            parts[key].append(acc.get(key, 0.0))
+        opt.zero_grad()
+        t0 = time.perf_counter()
+        loss = moment_regularized_loss(model, x, y, args.sigma, 1.0, moments="network")[0]
+        t1 = time.perf_counter()
+        loss.backward()
+        split["forward"].append(t1 - t0)
+        split["backward"].append(time.perf_counter() - t1)
+    breakdown = {k: statistics.median(v) for k, v in parts.items()}
+    breakdown["rest"] = breakdown["total"] - breakdown["max_pool"] - breakdown["relu"]
     result = {
         "config": {**vars(args), "torch": torch.__version__, "machine": platform.platform(),
                    "threads": torch.get_num_threads()},
@@ -98,6 +151,10 @@ def main() -> None:
         "factor_seconds_per_image": med["factor_1"],
         "factor_tensor_mib": factor_mib,
         "factor_peak_rss_increase_mib": rss_kib / 1024,
+        "diagonal_breakdown_s": breakdown,
+        "diagonal_breakdown_in_forward_passes": {
+            k: v / med["forward"] for k, v in breakdown.items()},
+        "network_step_split_s": {k: statistics.median(v) for k, v in split.items()},
     }
     for k, v in result.items():
         if k != "config":

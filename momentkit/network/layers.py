@@ -15,7 +15,8 @@ A :class:`State` is the moment-matched Gaussian of one activation tensor, batche
 Affine maps (:class:`Affine`) are exact in every representation: the mean goes
 through the layer, the factor's columns and the covariance's rows and columns
 through its linear part, diagonal variances through the squared weights. Through
-ReLU and LeakyReLU the mean and variance are exact (:func:`momentkit.relu.relu_moments`),
+ReLU and LeakyReLU the mean and variance are exact (:func:`relu_stats`: float64
+through :func:`momentkit.relu.relu_moments`, float32 through its fast path),
 the factor is scaled by ``E[f'(X)]`` (Stein's lemma, exact under the Gaussian
 assumption), the remainder is what the factor leaves of the variance (``>= 0`` by
 the Cauchy-Schwarz inequality), and the full covariance is exact
@@ -31,10 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentkit._relu_kernels import ReluMomentsFast
 from momentkit.network.gaussian_max import stein_weight
 from momentkit.relu import relu_covariance, relu_moments
 
-__all__ = ["Affine", "State", "add", "concat", "leaky_relu", "reshape", "total_var"]
+__all__ = [
+    "Affine", "State", "add", "concat", "leaky_relu", "relu_stats", "reshape", "total_var",
+]
 
 
 @dataclass
@@ -89,6 +93,24 @@ class Affine:
         return State(mean, var, factor, cov)
 
 
+def relu_stats(m: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Mean and variance of ``ReLU(X)`` and the Stein weight ``Phi(m / s)``, ``X ~ N(m, v)``.
+
+    float64 takes the accurate path (:func:`momentkit.relu.relu_moments`, exact to about
+    1e-13, and :func:`~momentkit.network.gaussian_max.stein_weight`); float32 (and half
+    precision, computed in float32) the fast path
+    ``momentkit._relu_kernels.ReluMomentsFast``: float32 elementwise operations only (no
+    masks, indexing or float64) with analytic derivatives; error bounds in
+    :mod:`momentkit.relu` ("Float32 fast path"). ``v`` may broadcast against ``m``.
+    """
+    if m.dtype == torch.float64 or v.dtype == torch.float64:
+        r_mean, r_var = relu_moments(m, v)
+        return r_mean, r_var, stein_weight(m, v)
+    dtype = m.dtype
+    out = ReluMomentsFast.apply(m.float(), v.float())
+    return tuple(o.to(dtype) for o in out)
+
+
 def leaky_relu(state: State, slope: float = 0.0) -> State:
     """``f(x) = max(x, slope x)`` (ReLU at ``slope = 0``), ``0 <= slope``.
 
@@ -96,28 +118,30 @@ def leaky_relu(state: State, slope: float = 0.0) -> State:
     ``Var f = slope^2 v + (1 - slope)^2 Var ReLU + 2 slope (1 - slope) g v`` and
     ``E[f'] = slope + (1 - slope) g``; in ``"full"``,
     ``Cov(f_i, f_j) = slope^2 S_ij + slope (1 - slope)(g_i + g_j) S_ij
-    + (1 - slope)^2 Cov(ReLU_i, ReLU_j)``.
+    + (1 - slope)^2 Cov(ReLU_i, ReLU_j)``. Elementwise moments from :func:`relu_stats`.
     """
     m = state.mean
     v = total_var(state)
-    r_mean, r_var = relu_moments(m, v)
-    g = stein_weight(m, v)
-    b = 1.0 - slope
-    mean = slope * m + b * r_mean
-    var = slope * slope * v + b * b * r_var + 2.0 * slope * b * g * v
-    gain = slope + b * g
+    r_mean, r_var, g = relu_stats(m, v)
+    if slope == 0.0:
+        mean, var, gain = r_mean, r_var, g
+    else:
+        b = 1.0 - slope
+        mean = slope * m + b * r_mean
+        var = slope * slope * v + b * b * r_var + 2.0 * slope * b * g * v
+        gain = slope + b * g
     if state.cov is not None:
         flat_m = m.reshape(m.shape[0], -1)
         rc = relu_covariance(flat_m, state.cov)
-        cov = b * b * rc
+        cov = (1.0 - slope) ** 2 * rc
         if slope != 0.0:
             gf = g.reshape(flat_m.shape)
-            cov = cov + slope * slope * state.cov + slope * b * (
+            cov = cov + slope * slope * state.cov + slope * (1.0 - slope) * (
                 gf.unsqueeze(-1) + gf.unsqueeze(-2)
             ) * state.cov
         return State(mean, None, gain.unsqueeze(1) * state.factor, _symmetric(cov))
     if state.factor is None:
-        return State(mean, var.clamp_min(0.0))
+        return State(mean, var if slope == 0.0 else var.clamp_min(0.0))
     factor = gain.unsqueeze(1) * state.factor
     rem = (var - (factor * factor).sum(1)).clamp_min(0.0)
     return State(mean, rem, factor)
