@@ -16,12 +16,25 @@ against 0.88% / 15.3% at 0.5 with random weights; equal variance errors (15.3%, 
 with trained weights. Padding positions (``-inf`` in PyTorch) never win
 and are skipped.
 
+ReLU after the pool (``network_moments`` takes the maximum of the pre-activations, since
+``max_i ReLU(X_i) = ReLU(max_i X_i)``): ``ReLU(max_j X_j) = max(0, X_1, ..., X_k)``
+with the constant 0 as one more element of the window (:func:`_relu_of_max`). ReLU of
+the chain's Gaussian (0 merged last) misses the maximum's upper tail where the maximum
+is mostly negative (the variance 20% to 98% too small when ``P(max > 0) < 0.5``); 0
+merged first (ReLU of the likeliest winner, then the others) is within a few percent
+there, and worse where the maximum is mostly positive; the two are blended by the
+chain's ``P(max > 0)``. On the trained LeNet (2 images, ``sigma_x = 0.5``) this took
+the median variance error after the second pool from 45% to 20%.
+
 Per representation: ``"diagonal"`` takes the window's units as independent
 (correlation 0); ``"factor"`` takes their covariances from the factor
-(``C_i . C_j``; remainders independent) and gives the output factor
-``sum_j w_j C_j``; ``"full"`` uses the carried covariance, and the covariance of two
-outputs is ``W Sigma W^T`` (Stein's lemma once per output) with Clark's variances on
-the diagonal.
+(``C_i . C_j``) plus a model of the remainders' covariance inside the window
+(:data:`remainder_model`: ``"independent"``, the default, or
+``"factor_correlation"``, the remainders correlated as the factor parts; no measurable
+difference on the trained LeNet) and gives the output factor ``sum_j w_j C_j``;
+``"full"`` uses the carried covariance, and the covariance of two outputs is ``W Sigma
+W^T`` (Stein's lemma once per output) with Clark's variances on the diagonal (a ReLU
+after the pool is then applied to the pooled Gaussian, with its exact covariance).
 """
 
 from __future__ import annotations
@@ -41,7 +54,9 @@ __all__ = ["CHAIN_ORDERS", "max_pool2d", "window_indices"]
 CHAIN_ORDERS = ("mean", "raster")
 chain_order = "mean"
 
-#: Remainder covariance model inside a window (``"factor"`` mode).
+#: The remainders' covariance inside a window in ``"factor"`` mode: ``"independent"``
+#: (the default) or ``"factor_correlation"`` (correlation ``C_i . C_j / |C_i| |C_j|``);
+#: :data:`remainder_model` holds the one in use.
 REMAINDER_MODELS = ("independent", "factor_correlation")
 remainder_model = "independent"
 
@@ -181,7 +196,8 @@ def _remainder_cov(gram: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
     corr = gram * inv.unsqueeze(-1) * inv.unsqueeze(-2)
     eye = torch.eye(corr.shape[-1], dtype=torch.bool, device=corr.device)
     corr = torch.where(eye, torch.ones_like(corr), corr.clamp(-1.0, 1.0))
-    sr = rem.clamp_min(0.0).sqrt()
+    pos = rem > tiny
+    sr = torch.where(pos, rem, torch.ones_like(rem)).sqrt() * pos  # finite gradient at 0
     return corr * sr.unsqueeze(-1) * sr.unsqueeze(-2)
 
 

@@ -155,3 +155,21 @@ def test_remainder_models_agree_without_remainder():
     a, b = out.values()
     torch.testing.assert_close(a.mean, b.mean, rtol=0, atol=0)
     torch.testing.assert_close(a.var, b.var, rtol=0, atol=0)
+
+
+def test_factor_correlated_remainders_give_finite_gradients():
+    # Two ReLU-pool stages: remainders zero in the first window, positive in the second.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).double()
+    x = torch.rand(1, 1, 8, 8, dtype=F64)
+    sigma = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    pooling.remainder_model = "factor_correlation"
+    try:
+        res = network_moments(net, x, sigma, covariance="factor")
+    finally:
+        pooling.remainder_model = "independent"
+    assert float(res.var.detach().min()) > 0
+    (res.mean.sum() + res.var.sum()).backward()
+    assert torch.isfinite(sigma.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
