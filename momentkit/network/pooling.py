@@ -133,13 +133,22 @@ def max_pool2d(layer: nn.MaxPool2d, state: State, relu: bool = False) -> State:
     mean_w = _gather(state.mean, geom)  # (N, C, L, kk)
     if state.factor is None:
         var_w = _gather(state.var, geom)
-        if relu:
-            m, v, _ = _relu_of_max(mean_w, valid, torch.diag_embed(var_w))
-            return State(m.reshape(n, c, *out), v.reshape(n, c, *out))
         mean_w, ok_w, var_w = _sort_by_mean(mean_w, valid, (var_w, None))
         has, m, v = ok_w[..., 0], mean_w[..., 0], var_w[..., 0]
         for j in range(1, idx.shape[1]):
             has, m, v, _, _ = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], 0.0)
+        if relu:
+            # _relu_of_max for a diagonal covariance, elementwise: the cross-covariances
+            # of the chain are all 0.
+            r_mean, r_var = relu_moments(m, v)
+            lam = ((0.75 - stein_weight(m, v)) / 0.5).clamp(0.0, 1.0)
+            has, fm, fv = torch.ones_like(has), torch.zeros_like(m), torch.zeros_like(v)
+            for j in range(idx.shape[1]):
+                has, fm, fv, _, _ = _merge(
+                    has, ok_w[..., j], fm, fv, mean_w[..., j], var_w[..., j], 0.0
+                )
+            m = lam * fm + (1.0 - lam) * r_mean
+            v = lam * fv + (1.0 - lam) * r_var
         return State(m.reshape(n, c, *out), v.reshape(n, c, *out))
     fac_w = _gather(state.factor, geom)  # (B, K, C, L, kk)
     rem_w = _gather(state.var, geom)  # (N, C, L, kk)

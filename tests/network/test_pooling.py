@@ -173,3 +173,22 @@ def test_factor_correlated_remainders_give_finite_gradients():
     (res.mean.sum() + res.var.sum()).backward()
     assert torch.isfinite(sigma.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1, ceil_mode=True)])
+def test_diagonal_relu_pool_equals_the_window_covariance_chain(pool, dtype):
+    # The diagonal mode's elementwise chains are _relu_of_max with a diagonal window
+    # covariance (every cross-covariance 0): the same operations, the same numbers.
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(2, 3, 9, 9, generator=g, dtype=dtype) - 0.5
+    v = torch.rand(2, 3, 9, 9, generator=g, dtype=dtype)
+    v[0, 0] = 0.0
+    got = max_pool2d(pool, State(m, v), relu=True)
+    geom = pooling._geometry(pool, 9, 9)
+    _, valid, _ = window_indices(pool, 9, 9, m.device)
+    ref_m, ref_v, _ = pooling._relu_of_max(
+        pooling._gather(m, geom), valid, torch.diag_embed(pooling._gather(v, geom))
+    )
+    torch.testing.assert_close(got.mean, ref_m.reshape(got.mean.shape), rtol=0, atol=0)
+    torch.testing.assert_close(got.var, ref_v.reshape(got.var.shape), rtol=0, atol=0)
