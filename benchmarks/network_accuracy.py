@@ -64,12 +64,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="Adam steps of the trained net")
     ap.add_argument("--modes", nargs="+", default=["diagonal", "factor"])
     ap.add_argument("--order", choices=pooling.CHAIN_ORDERS, default="mean")
+    ap.add_argument(
+        "--remainder", choices=pooling.REMAINDER_MODELS, default="independent",
+        help="covariance of the factor remainders inside a max-pool window",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     pooling.chain_order = args.order
+    pooling.remainder_model = args.remainder
     device = torch.device(args.device)
     data = load_dataset("mnist", args.data_root)
     x = data.test.batch(torch.arange(args.images))[0].to(device)

@@ -92,7 +92,9 @@ def _describe(node: fx.Node) -> str:
     return f"operation {getattr(node.target, '__name__', node.target)!r}"
 
 
-def _module_rule(module: nn.Module, state: L.State, node: fx.Node, mode: str) -> L.State:
+def _module_rule(
+    module: nn.Module, state: L.State, node: fx.Node, mode: str, relu: bool = False
+) -> L.State:
     shape = tuple(state.mean.shape[1:])
     if isinstance(module, nn.ReLU):
         return L.leaky_relu(state, 0.0)
@@ -124,7 +126,7 @@ def _module_rule(module: nn.Module, state: L.State, node: fx.Node, mode: str) ->
     if isinstance(module, nn.MaxPool2d):
         if module.return_indices:
             raise MomentInputError(f"{_FN}: layer {node.target!r} returns indices")
-        return max_pool2d(module, state)
+        return max_pool2d(module, state, relu)
     if isinstance(module, nn.Flatten):
         out = torch.flatten(state.mean[:1], module.start_dim, module.end_dim)
         if module.start_dim == 0:
@@ -385,8 +387,8 @@ def network_moments(
             env[node] = (args[0], slope)
             continue
         if node.op == "call_module" and isinstance(args[0], tuple):
-            pooled = _module_rule(modules[node.target], args[0][0], node, mode)
-            env[node] = L.leaky_relu(pooled, args[0][1])
+            pooled = _module_rule(modules[node.target], args[0][0], node, mode, args[0][1] == 0)
+            env[node] = pooled if args[0][1] == 0 else L.leaky_relu(pooled, args[0][1])
         elif node.op == "call_module":
             if len(args) != 1 or not _is_state(args[0]):
                 raise MomentInputError(f"{_FN}: {_describe(node)} must take one activation")

@@ -13,7 +13,7 @@ from momentkit.references.montecarlo import monte_carlo_moments
 @pytest.mark.slow
 def test_random_lenet_meets_the_goals_at_sigma_0_1():
     # Goals: mean error <= 1% and median variance error <= 10% at sigma_x = 0.1. Measured
-    # 0.23% and 6.7% (docs/network_moments.md); Monte Carlo's own resolution with 10,000
+    # 0.19% and 6.4% (docs/network_moments.md); Monte Carlo's own resolution with 10,000
     # samples is 0.12% (mean, normwise) and 1.4% (variance), well inside the margins.
     torch.manual_seed(0)
     model = lenet("mnist").eval()
