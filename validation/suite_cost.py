@@ -1,12 +1,16 @@
 """Suite ``cost``: time and peak memory of each estimator against its accuracy.
 
-Two networks. (1) An Affine-ReLU-Affine network (784 inputs, float64) where Theorem 1
+Three parts. (1) An Affine-ReLU-Affine network (784 inputs, float64) where Theorem 1
 and the analytic covariance are exact, so every estimator's error is known: the
 analytic mean and covariance, the explicit-Jacobian two-stage linearization (exact
 here), and Monte Carlo (Numba kernel and torch module version) at 1e3 to 1e6
 samples. (2) A LeNet-shaped network, where the surrogate ``Omega(mu3)`` costs one
 more forward pass, the linearization needs Jacobians, and Monte Carlo needs many
-forward passes; here the Monte Carlo standard error is the accuracy reported.
+forward passes; here the Monte Carlo standard error is the accuracy reported. (3) The
+accuracy-against-time frontier on a LeNet-shaped network: each analytic method
+(surrogate, linearization, each ``network_moments`` mode) a point, Monte Carlo a
+curve, errors against a long Monte Carlo run; per ``sigma_x``, whether the default
+mode beats Monte Carlo at equal wall time (:func:`mc_error_at`).
 
 Time is wall clock (best of a few runs for anything under a second). Peak memory is
 the largest resident-set growth during the call, sampled every millisecond by a
@@ -54,6 +58,7 @@ def grid(quick: bool) -> dict[str, Any]:
             "lenet_width": 0.25,
             "lenet_mc_samples": [1000, 4000],
             "target": TARGET,
+            "frontier_width": 0.25,
             "frontier_sigmas": [0.1, 1.0],
             "frontier_points": 1,
             "frontier_mc_samples": [100, 1000],
@@ -281,11 +286,11 @@ def _frontier_rows(cfg: SuiteConfig, g: dict, bar) -> tuple[list[dict], list[dic
 
     dev = cfg.torch_device
     torch.manual_seed(cfg.seed)
-    model = lenet_shaped(g["lenet_width"]).to(dev).eval()
+    model = lenet_shaped(g["frontier_width"]).to(dev).eval()
     data = load_mnist_subset(cfg.data_root, 0, g["frontier_points"], cfg.seed)
     x = data.test_x.to(dev)
     auto = default_mode(model, x)
-    name = f"lenet-shaped width {g['lenet_width']:g} (random weights, float32)"
+    name = f"lenet-shaped width {g['frontier_width']:g} (random weights, float32)"
     n_relu = sum(isinstance(m, nn.ReLU) for m in model.modules())
     rows: list[dict] = []
     verdicts: list[dict] = []

@@ -100,12 +100,12 @@ def grid(quick: bool) -> dict[str, Any]:
         "lenet_width": 1.0,
         "resnet_width": 8,
         "alexnet": True,
-        "points": 2,
-        "mc_samples_mlp": 20_000,
-        "mc_samples_lenet": 2000,
-        "mc_samples_resnet": 4000,
-        "mc_samples_alexnet": 1000,
-        "n_train": 5000,
+        "points": 1,
+        "mc_samples_mlp": 10_000,
+        "mc_samples_lenet": 1000,
+        "mc_samples_resnet": 2000,
+        "mc_samples_alexnet": 500,
+        "n_train": 3000,
         "epochs": 1,
         "skip_factor": ["alexnet"],
     }
@@ -137,11 +137,6 @@ def _networks(g: dict, seed: int) -> list[dict[str, Any]]:
         torch.manual_seed(seed + k)
         nets.append({"name": name, "model": build(), "mc": n_mc, "data": dataset, "k": k})
     return nets
-
-
-def _rel(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-image ``||est - ref|| / ||ref||`` over the logits."""
-    return (est - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
 
 
 def _relus(model: nn.Module) -> int:
@@ -210,8 +205,6 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
         auto = default_mode(model, x)
         modes_used[name] = auto
         n_relu = _relus(model)
-        with torch.no_grad():
-            clean = model(x)
         try:
             lin0 = two_stage_linearization(model, x[:1], 0.1, relu_index=0, compute_cov=False)
             with torch.no_grad():
@@ -220,22 +213,6 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
         except MomentInputError:
             pass  # not a sequential network of the linearization's layers (said below)
         for j, sigma in enumerate(g["sigmas"]):
-            mc, mc_seconds = _timed(
-                monte_carlo_moments,
-                model,
-                x,
-                sigma**2,
-                n_mc,
-                seed=cfg.seed * 7919 + 31 * net["k"] + j,
-                batch_size=2048,
-            )
-            # Resolution: the Monte Carlo standard error, but never below float64
-            # rounding of the forward passes (about width * eps = 1e-13 relative).
-            scale = mc.mean.abs().amax(dim=1, keepdim=True)
-            se = torch.sqrt(mc.stderr**2 + (ROUNDING * scale) ** 2)
-            floor = se.norm(dim=1) / mc.mean.norm(dim=1)
-            mc_var = mc.stderr**2 * n_mc
-            var_floor = math.sqrt(2 / (n_mc - 1))
             base = {
                 "network": name,
                 "weights": weights,
@@ -244,69 +221,17 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
                 "test_accuracy": acc,
                 "sigma": sigma,
             }
-            res = {
-                "mc_rel_stderr_median": float(floor.median()),
-                "mc_var_rel_stderr": var_floor,
-                "mc_samples": n_mc,
-                "mc_seconds": mc_seconds,
-                "points": g["points"],
-            }
-            estimates: dict[str, tuple[Any, Any, float] | str] = {}
-            try:
-                out, t = _timed(_no_grad, expected_prediction, model, x, sigma)
-                estimates["surrogate"] = (out.surrogate, None, t)
-            except MomentInputError as exc:
-                estimates["surrogate"] = f"refused: {exc}"
-            if n_relu > 1:  # (for one ReLU the linearization is the surrogate)
-                try:
-                    out, t = _timed(
-                        two_stage_linearization, model, x, sigma, n_relu - 1, compute_cov=False
-                    )
-                    estimates["linearization_last"] = (out.mean, None, t)
-                except MomentInputError as exc:
-                    estimates["linearization_last"] = f"refused: {exc}"
-            for mode in MODES:
-                if mode == "factor" and name in g["skip_factor"]:
-                    estimates[f"nm_{mode}"] = (
-                        f"skipped for time: {x[0].numel()} noise columns through every "
-                        "layer (momentkit accepts it)"
-                    )
-                    continue
-                try:
-                    out, t = _timed(_no_grad, network_moments, model, x, sigma, covariance=mode)
-                    estimates[f"nm_{mode}"] = (out.mean, out.var, t)
-                except MomentInputError as exc:
-                    estimates[f"nm_{mode}"] = f"refused: {exc}"
-            estimates["plug_in"] = (clean, None, 0.0)
-            for est_name, est in estimates.items():
-                row = {**base, "estimator": est_name}
-                if isinstance(est, str):
-                    row["status"] = est
-                    report.rows.append({**row, **res})
-                    continue
-                mean, var, seconds = est
-                rel = _rel(mean.double().flatten(1), mc.mean.flatten(1))
-                z = ((mean.double() - mc.mean).abs() / se).max()
-                var_err = float("nan")
-                if var is not None:
-                    var_err = float(
-                        ((var.double() - mc_var).abs() / mc_var.clamp_min(1e-300)).median()
-                    )
-                row.update(
-                    status="ok",
-                    rel_err_median=float(rel.median()),
-                    rel_err_max=float(rel.max()),
-                    var_err_median=var_err,
-                    seconds=seconds,
-                    max_abs_z=float(z),
-                    resolved=bool((rel > 3 * floor).all()),
+            skip = {}
+            if name in g["skip_factor"]:
+                skip["factor"] = (
+                    f"skipped for time: {x[0].numel()} noise columns through every layer "
+                    "(momentkit accepts it)"
                 )
-                report.rows.append({**row, **res})
-            report.rows.append(
-                {**base, "estimator": "monte_carlo", "status": "ok", "seconds": mc_seconds, **res}
+            rows = compare_methods(
+                model, x, sigma, n_mc, seed=cfg.seed * 7919 + 31 * net["k"] + j, skip=skip
             )
+            report.rows += [{**base, **r} for r in rows]
             next(bar, None)
-    report.config["identity_max_rel_diff"] = max(identity) if identity else float("nan")
     report.config["test_accuracy"] = accuracy
     report.config["default_modes"] = modes_used
     report.config["resnet_goal"] = resnet_goal(report.rows)
@@ -314,6 +239,89 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
     report.figure = _figure(report.rows, g)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def compare_methods(
+    model: nn.Module,
+    x: torch.Tensor,
+    sigma: float,
+    n_mc: int,
+    seed: int,
+    skip: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per method for ``model`` at ``x`` (float64) and noise ``sigma``, against
+    ``n_mc`` Monte Carlo samples: the surrogate, the linearization around the last ReLU
+    (sequential networks with more than one ReLU), ``network_moments`` in each of
+    :data:`MODES` (``skip`` maps a mode to the reason it is not run), the plug-in
+    estimate and Monte Carlo itself. A method that raises ``MomentInputError`` is a row
+    with ``status = "refused: <message>"``; the others have ``status = "ok"``, their
+    errors and seconds, and every row the Monte Carlo resolution columns."""
+    skip = skip or {}
+    n_relu = _relus(model)
+    mc, mc_seconds = _timed(
+        monte_carlo_moments, model, x, sigma**2, n_mc, seed=seed, batch_size=2048
+    )
+    # Resolution: the Monte Carlo standard error, but never below float64
+    # rounding of the forward passes (about width * eps = 1e-13 relative).
+    ref = mc.mean.flatten(1)
+    scale = ref.abs().amax(dim=1, keepdim=True)
+    se = torch.sqrt(mc.stderr.flatten(1) ** 2 + (ROUNDING * scale) ** 2)
+    floor = se.norm(dim=1) / ref.norm(dim=1)
+    mc_var = mc.stderr**2 * n_mc
+    res = {
+        "mc_rel_stderr_median": float(floor.median()),
+        "mc_var_rel_stderr": math.sqrt(2 / (n_mc - 1)),
+        "mc_samples": n_mc,
+        "mc_seconds": mc_seconds,
+        "points": len(x),
+    }
+    estimates: dict[str, tuple[Any, Any, float] | str] = {}
+    try:
+        out, t = _timed(_no_grad, expected_prediction, model, x, sigma)
+        estimates["surrogate"] = (out.surrogate, None, t)
+    except MomentInputError as exc:
+        estimates["surrogate"] = f"refused: {exc}"
+    if n_relu > 1:  # (for one ReLU the linearization is the surrogate)
+        try:
+            out, t = _timed(two_stage_linearization, model, x, sigma, n_relu - 1, compute_cov=False)
+            estimates["linearization_last"] = (out.mean, None, t)
+        except MomentInputError as exc:
+            estimates["linearization_last"] = f"refused: {exc}"
+    for mode in MODES:
+        if mode in skip:
+            estimates[f"nm_{mode}"] = skip[mode]
+            continue
+        try:
+            out, t = _timed(_no_grad, network_moments, model, x, sigma, covariance=mode)
+            estimates[f"nm_{mode}"] = (out.mean, out.var, t)
+        except MomentInputError as exc:
+            estimates[f"nm_{mode}"] = f"refused: {exc}"
+    estimates["plug_in"] = _timed(_no_grad, model, x)
+    estimates["plug_in"] = (estimates["plug_in"][0], None, estimates["plug_in"][1])
+    rows = []
+    for est_name, est in estimates.items():
+        row: dict[str, Any] = {"estimator": est_name}
+        if isinstance(est, str):
+            rows.append({**row, "status": est, **res})
+            continue
+        mean, var, seconds = est
+        diff = mean.double().flatten(1) - ref
+        rel = diff.norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+        var_err = float("nan")
+        if var is not None:
+            var_err = float(((var.double() - mc_var).abs() / mc_var.clamp_min(1e-300)).median())
+        row.update(
+            status="ok",
+            rel_err_median=float(rel.median()),
+            rel_err_max=float(rel.max()),
+            var_err_median=var_err,
+            seconds=seconds,
+            max_abs_z=float((diff.abs() / se).max()),
+            resolved=bool((rel > 3 * floor).all()),
+        )
+        rows.append({**row, **res})
+    rows.append({"estimator": "monte_carlo", "status": "ok", "seconds": mc_seconds, **res})
+    return rows
 
 
 def _no_grad(fn, *args, **kwargs):
