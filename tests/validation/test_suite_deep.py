@@ -15,13 +15,13 @@ from validation.networks import set_batchnorm_statistics, small_resnet
 from validation.reporting import SuiteConfig
 
 TINY = {
-    "sigmas": [1e-2, 0.1],
+    "sigmas": [0.1],
     "mlp_depths": [1, 2],
     "mlp_width": 16,
     "lenet_width": 0.125,
     "resnet_width": 3,
     "alexnet": False,
-    "points": 2,
+    "points": 1,
     "mc_samples_mlp": 2000,
     "mc_samples_lenet": 200,
     "mc_samples_resnet": 400,
@@ -73,23 +73,29 @@ def test_refused_and_skipped_modes_say_why():
     assert by["nm_diagonal"]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_small_resnet_is_supported_and_set_to_eval_statistics():
     torch.manual_seed(0)
     model = small_resnet(2).double()
-    x = torch.rand(64, 1, 28, 28, dtype=torch.float64)
+    # fully convolutional up to the global average pool: 12x12 inputs keep the full
+    # mode's covariances small (2 x 144 units at most)
+    x = torch.rand(64, 1, 12, 12, dtype=torch.float64)
     set_batchnorm_statistics(model, x, batch=32)
     assert not model.training
     bn = model[3].bn1
     # cumulative average of the two batches' statistics: the batch mean of the first
-    # convolution's output over all 64 images
+    # block's convolution over all 64 images
     with torch.no_grad():
         pre = model[3].conv1(model[2](model[1](model[0](x))))
     assert torch.allclose(bn.running_mean, pre.mean(dim=(0, 2, 3)), atol=1e-12)
-    assert suite_deep.default_mode(model, x[:1]) == "factor"  # 1568 units > 256
+    assert suite_deep.default_mode(model, x[:1]) == "factor"  # 288 units > 256
     rows = suite_deep.compare_methods(model, x[:1], 0.1, 400, seed=0)
     by = {r["estimator"]: r for r in rows}
     assert by["linearization_last"]["status"].startswith("refused: two_stage_linearization")
-    assert all(by[f"nm_{m}"]["status"] == "ok" for m in suite_deep.MODES)
+    assert by["surrogate"]["status"] == "ok"  # the stem has no BatchNorm: it splits
+    for mode in suite_deep.MODES:
+        r = by[f"nm_{mode}"]
+        assert r["status"] == "ok" and math.isfinite(r["var_err_median"]), (mode, r)
 
 
 @pytest.mark.slow
@@ -130,7 +136,7 @@ def test_tiny_run_on_synthetic_data(tmp_path: Path):
         if r["network"] == "mlp-1"
         and r["estimator"] in ("surrogate", "nm_diagonal", "nm_factor", "nm_full")
     ]
-    assert len(exact) == 16 and all(r["max_abs_z"] < 5 for r in exact)
+    assert len(exact) == 8 and all(r["max_abs_z"] < 5 for r in exact)
     goal = report.config["resnet_goal"]
     assert set(goal) == {"random", "trained"}
     assert all(v["met"] is not None and v["mode"] == "factor" for v in goal.values())
