@@ -7,8 +7,10 @@ records the configuration, package version and seed), ``<suite>.png`` and
 
 - ``shallow``: Theorem 1 mean and the analytic covariance of random
   Affine-ReLU-Affine networks against Monte Carlo, as z-scores.
-- ``deep``: the surrogate ``Omega(mu3)`` and the two-stage linearization of LeNet-
-  and MLP-shaped networks against Monte Carlo, as a function of the noise level.
+- ``deep``: the surrogate ``Omega(mu3)``, the two-stage linearization and every mode
+  of ``network_moments`` (mean and variance) on MLPs, LeNets, a small ResNet and
+  AlexNet against Monte Carlo, as a function of the noise level.
 - ``covariance``: exact and zero-mean ReLU covariance against Monte Carlo.
-- ``cost``: time and peak memory of each estimator against its accuracy.
+- ``cost``: time and peak memory of each estimator against its accuracy, and the
+  accuracy-against-time frontier of the analytic methods and Monte Carlo.
 """

@@ -1,12 +1,16 @@
 """Suite ``cost``: time and peak memory of each estimator against its accuracy.
 
-Two networks. (1) An Affine-ReLU-Affine network (784 inputs, float64) where Theorem 1
+Three parts. (1) An Affine-ReLU-Affine network (784 inputs, float64) where Theorem 1
 and the analytic covariance are exact, so every estimator's error is known: the
 analytic mean and covariance, the explicit-Jacobian two-stage linearization (exact
 here), and Monte Carlo (Numba kernel and torch module version) at 1e3 to 1e6
 samples. (2) A LeNet-shaped network, where the surrogate ``Omega(mu3)`` costs one
 more forward pass, the linearization needs Jacobians, and Monte Carlo needs many
-forward passes; here the Monte Carlo standard error is the accuracy reported.
+forward passes; here the Monte Carlo standard error is the accuracy reported. (3) The
+accuracy-against-time frontier on a LeNet-shaped network: each analytic method
+(surrogate, linearization, each ``network_moments`` mode) a point, Monte Carlo a
+curve, errors against a long Monte Carlo run; per ``sigma_x``, whether the default
+mode beats Monte Carlo at equal wall time (:func:`mc_error_at`).
 
 Time is wall clock (best of a few runs for anything under a second). Peak memory is
 the largest resident-set growth during the call, sampled every millisecond by a
@@ -30,11 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from momentkit import network_moments
+from momentkit.errors import MomentInputError
 from momentkit.references.linearization import two_stage_linearization
 from momentkit.references.montecarlo import monte_carlo_affine_relu_affine, monte_carlo_moments
 from momentkit.regularizer import expected_prediction
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
-from validation.networks import lenet_shaped
+from validation.networks import lenet_shaped, load_mnist_subset
 from validation.reporting import SuiteConfig, SuiteReport, markdown_table, progress
 
 NAME = "cost"
@@ -52,16 +58,26 @@ def grid(quick: bool) -> dict[str, Any]:
             "lenet_width": 0.25,
             "lenet_mc_samples": [1000, 4000],
             "target": TARGET,
+            "frontier_width": 0.25,
+            "frontier_sigmas": [0.1, 1.0],
+            "frontier_points": 1,
+            "frontier_mc_samples": [100, 1000],
+            "frontier_reference_samples": 10_000,
         }
     return {
         "n": 784,
         "p": 1024,
         "d": 10,
         "sigma": 0.5,
-        "mc_samples": [1000, 10_000, 100_000, 1_000_000],
+        "mc_samples": [1000, 10_000, 100_000],
         "lenet_width": 1.0,
-        "lenet_mc_samples": [1000, 10_000, 30_000],
+        "lenet_mc_samples": [1000, 10_000],
         "target": TARGET,
+        "frontier_width": 0.25,
+        "frontier_sigmas": [0.01, 0.1, 1.0],
+        "frontier_points": 1,
+        "frontier_mc_samples": [100, 1000, 10_000, 100_000],
+        "frontier_reference_samples": 200_000,
     }
 
 
@@ -231,12 +247,172 @@ def _lenet_rows(cfg: SuiteConfig, g: dict, bar) -> list[dict]:
     return rows
 
 
+FRONTIER_METHODS = ("surrogate", "linearization_last", "nm_diagonal", "nm_factor", "nm_full")
+
+
+def _errors(mean, var, ref, ref_var) -> tuple[float, float]:
+    """Median over images of ``||m - m_ref|| / ||m_ref||`` and median over outputs and
+    images of ``|v - v_ref| / v_ref`` (NaN without a variance)."""
+    d = (mean.double() - ref.mean).flatten(1).norm(dim=1) / ref.mean.flatten(1).norm(dim=1)
+    v = float("nan")
+    if var is not None:
+        v = float(((var.double() - ref_var).abs() / ref_var.clamp_min(1e-300)).median())
+    return float(d.median()), v
+
+
+def mc_error_at(seconds: float, curve: list[tuple[float, float]]) -> tuple[float, bool]:
+    """Monte Carlo's error after ``seconds`` of wall time, from its measured
+    ``(seconds, error)`` points: linear interpolation in log-log between the points
+    that bracket ``seconds``; outside them, the nearest point scaled by
+    ``error ~ seconds**-1/2`` (``stderr ~ 1/sqrt(N)``, ``N`` proportional to time).
+    Returns ``(error, extrapolated)``."""
+    pts = sorted((t, e) for t, e in curve if t > 0 and e > 0 and math.isfinite(e))
+    if not pts:
+        return float("nan"), True
+    if seconds <= pts[0][0]:
+        t0, e0 = pts[0]
+        return e0 * math.sqrt(t0 / seconds), seconds < pts[0][0]
+    if seconds >= pts[-1][0]:
+        t0, e0 = pts[-1]
+        return e0 * math.sqrt(t0 / seconds), seconds > pts[-1][0]
+    for (t0, e0), (t1, e1) in zip(pts, pts[1:], strict=False):
+        if t0 <= seconds <= t1:
+            w = math.log(seconds / t0) / math.log(t1 / t0) if t1 > t0 else 0.0
+            return math.exp(math.log(e0) + w * (math.log(e1) - math.log(e0))), False
+    raise AssertionError("unreachable")
+
+
+def _frontier_rows(cfg: SuiteConfig, g: dict, bar) -> tuple[list[dict], list[dict]]:
+    """Accuracy against time on a LeNet-shaped network with random weights and MNIST
+    test images (float32): every analytic method as a point, Monte Carlo as a curve,
+    errors against a long Monte Carlo run. Returns ``(rows, verdicts)``; a verdict per
+    ``sigma_x`` says whether the default mode beats Monte Carlo at equal wall time."""
+    from validation.suite_deep import default_mode
+
+    dev = cfg.torch_device
+    torch.manual_seed(cfg.seed)
+    model = lenet_shaped(g["frontier_width"]).to(dev).eval()
+    data = load_mnist_subset(cfg.data_root, 0, g["frontier_points"], cfg.seed)
+    x = data.test_x.to(dev)
+    auto = default_mode(model, x)
+    name = f"lenet-shaped width {g['frontier_width']:g} (random weights, float32)"
+    n_relu = sum(isinstance(m, nn.ReLU) for m in model.modules())
+    rows: list[dict] = []
+    verdicts: list[dict] = []
+
+    def nm(mode: str, sigma: float):
+        with torch.no_grad():
+            r = network_moments(model, x, sigma, covariance=mode)
+        return r.mean, r.var
+
+    def surrogate(sigma: float):
+        with torch.no_grad():
+            return expected_prediction(model, x, sigma).surrogate
+
+    for j, sigma in enumerate(g["frontier_sigmas"]):
+        n_ref = g["frontier_reference_samples"]
+        t, mem, ref = measure(
+            lambda sigma=sigma, j=j, n_ref=n_ref: monte_carlo_moments(
+                model, x, sigma**2, n_ref, seed=10_007 + 101 * cfg.seed + j, batch_size=2048
+            ),
+            dev,
+        )
+        ref_var = ref.stderr**2 * n_ref
+        floor_mean = float(
+            (ref.stderr.flatten(1).norm(dim=1) / ref.mean.flatten(1).norm(dim=1)).median()
+        )
+        floor_var = math.sqrt(2 / (n_ref - 1))
+        base = {
+            "network": name,
+            "sigma": sigma,
+            "reference_samples": n_ref,
+            "reference_seconds": t,
+            "reference_mean_rel_stderr": floor_mean,
+            "reference_var_rel_stderr": floor_var,
+            "default_mode": auto,
+            "points": len(x),
+            "data": data.source,
+        }
+        calls: dict[str, Any] = {
+            "surrogate": lambda sigma=sigma: (surrogate(sigma), None),
+            "linearization_last": lambda sigma=sigma: (
+                two_stage_linearization(model, x, sigma, n_relu - 1, compute_cov=False).mean,
+                None,
+            ),
+        }
+        for mode in ("diagonal", "factor", "full"):
+            calls[f"nm_{mode}"] = lambda sigma=sigma, mode=mode: nm(mode, sigma)
+        for est, fn in calls.items():
+            row = {**base, "estimator": est, "samples": 0}
+            try:
+                t, mem, (mean, var) = measure(fn, dev)
+            except MomentInputError as exc:
+                rows.append({**row, "status": f"refused: {exc}"})
+                next(bar, None)
+                continue
+            m_err, v_err = _errors(mean, var, ref, ref_var)
+            rows.append(
+                {
+                    **row,
+                    "status": "ok",
+                    "seconds": t,
+                    "peak_mib": mem / 2**20,
+                    "mean_err": m_err,
+                    "var_err": v_err,
+                }
+            )
+            next(bar, None)
+        for i, n in enumerate(g["frontier_mc_samples"]):
+            t, mem, res = measure(
+                lambda sigma=sigma, n=n, i=i, j=j: monte_carlo_moments(
+                    model,
+                    x,
+                    sigma**2,
+                    n,
+                    seed=20_011 + 101 * cfg.seed + 13 * j + i,
+                    batch_size=2048,
+                ),
+                dev,
+            )
+            m_err, v_err = _errors(res.mean, res.stderr**2 * n, ref, ref_var)
+            rows.append(
+                {
+                    **base,
+                    "estimator": "monte_carlo",
+                    "samples": n,
+                    "status": "ok",
+                    "seconds": t,
+                    "peak_mib": mem / 2**20,
+                    "mean_err": m_err,
+                    "var_err": v_err,
+                }
+            )
+            next(bar, None)
+        point = next(r for r in rows if r["sigma"] == sigma and r["estimator"] == f"nm_{auto}")
+        curve = [r for r in rows if r["sigma"] == sigma and r["estimator"] == "monte_carlo"]
+        verdict: dict[str, Any] = {"sigma": sigma, "mode": auto, "seconds": point["seconds"]}
+        for key, floor in (("mean_err", floor_mean), ("var_err", floor_var)):
+            mc_err, extrapolated = mc_error_at(
+                point["seconds"], [(r["seconds"], r[key]) for r in curve]
+            )
+            err = point[key]
+            verdict[f"{key}_auto"] = err
+            verdict[f"{key}_mc_same_time"] = mc_err
+            verdict[f"{key}_extrapolated"] = extrapolated
+            # Below three reference standard errors neither error is resolved.
+            resolved = max(err, mc_err) > 3 * floor
+            verdict[f"{key}_auto_better"] = (err < mc_err) if resolved else None
+        verdicts.append(verdict)
+    return rows, verdicts
+
+
 def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
     """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
     g = {**grid(cfg.quick), **(overrides or {})}
     report = SuiteReport(NAME, {f"grid_{k}": v for k, v in g.items()})
     steps = 3 + 2 * len(g["mc_samples"]) + 4 + len(g["lenet_mc_samples"])
+    steps += len(g["frontier_sigmas"]) * (len(FRONTIER_METHODS) + len(g["frontier_mc_samples"]))
     bar = progress(range(steps), cfg, NAME)
     # Compile the Numba kernels outside the timings.
     monte_carlo_affine_relu_affine(
@@ -251,6 +427,8 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
         compute_cov=False,
     )
     report.rows = _shallow_rows(cfg, g, bar) + _lenet_rows(cfg, g, bar)
+    frontier, verdicts = _frontier_rows(cfg, g, bar)
+    report.config["frontier_verdicts"] = verdicts
     shallow = [r for r in report.rows if r["network"].startswith("affine")]
     analytic = shallow[0]
     numba_rows = [r for r in shallow if r["estimator"] == "Monte Carlo, Numba kernel"]
@@ -276,10 +454,75 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
                 "max_stderr_mean",
             ],
         ),
+        "",
+        *_frontier_summary(frontier, verdicts),
     ]
+    report.rows += frontier
     report.figure = _figure(report.rows, g)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _frontier_summary(rows: list[dict], verdicts: list[dict]) -> list[str]:
+    first = rows[0]
+    lines = [
+        f"Accuracy against time on the {first['network']}, {first['points']} test "
+        f"image(s) of {first.get('data', 'MNIST')}: errors against a long Monte Carlo run "
+        f"of {first['reference_samples']} "
+        "samples per sigma_x (its own relative standard error: the `ref. se` columns, "
+        "normwise for the mean, sqrt(2/(N-1)) for a variance). Mean error: "
+        "||m - m_ref|| / ||m_ref||; variance error: median |v - v_ref| / v_ref over the "
+        "outputs.",
+        "",
+    ]
+    table = []
+    for r in rows:
+        table.append(
+            {
+                "sigma_x": f"{r['sigma']:g}",
+                "method": r["estimator"] + (f" {r['samples']:g}" if r["samples"] else ""),
+                "seconds": r.get("seconds", r["status"].split(":")[0]),
+                "mean error": r.get("mean_err", ""),
+                "variance error": r.get("var_err", ""),
+                "ref. se (mean / var)": f"{r['reference_mean_rel_stderr']:.1e} / "
+                f"{r['reference_var_rel_stderr']:.1e}",
+            }
+        )
+    lines += markdown_table(
+        table,
+        ["sigma_x", "method", "seconds", "mean error", "variance error", "ref. se (mean / var)"],
+    )
+    reasons = {r["estimator"]: r["status"] for r in rows if r["status"] != "ok"}
+    lines += ["", *[f"- {k}: {v}" for k, v in reasons.items()]]
+    lines += [
+        "",
+        f'Default mode (`covariance="auto"` = {verdicts[0]["mode"]}) against Monte Carlo '
+        "given the same wall time (Monte Carlo's error interpolated in log-log between its "
+        "measured points; `extrap.`: outside them, scaled as time^-1/2; `unresolved`: both "
+        "errors below three reference standard errors):",
+        "",
+    ]
+
+    def word(v: dict, key: str) -> str:
+        better = v[f"{key}_auto_better"]
+        text = "unresolved" if better is None else ("**yes**" if better else "no")
+        return text + (" (extrap.)" if v[f"{key}_extrapolated"] else "")
+
+    table = [
+        {
+            "sigma_x": f"{v['sigma']:g}",
+            "auto seconds": v["seconds"],
+            "auto mean err": v["mean_err_auto"],
+            "MC mean err, same time": v["mean_err_mc_same_time"],
+            "auto better (mean)": word(v, "mean_err"),
+            "auto var err": v["var_err_auto"],
+            "MC var err, same time": v["var_err_mc_same_time"],
+            "auto better (variance)": word(v, "var_err"),
+        }
+        for v in verdicts
+    ]
+    lines += markdown_table(table, list(table[0]))
+    return lines
 
 
 def _figure(rows: list[dict], g: dict):
@@ -288,8 +531,44 @@ def _figure(rows: list[dict], g: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for net, ax in zip(dict.fromkeys(r["network"] for r in rows), (ax1, ax2), strict=False):
+    frontier = [r for r in rows if "reference_samples" in r]
+    sigmas = list(dict.fromkeys(r["sigma"] for r in frontier))
+    cols = max(2, len(sigmas))
+    fig = plt.figure(figsize=(4 * cols, 4.5 + (7 if sigmas else 0)))
+    grid_spec = fig.add_gridspec(3 if sigmas else 1, 2 * cols)
+    ax1 = fig.add_subplot(grid_spec[0, :cols])
+    ax2 = fig.add_subplot(grid_spec[0, cols:])
+    for i, key in enumerate(("mean_err", "var_err")):
+        for j, sigma in enumerate(sigmas):
+            ax = fig.add_subplot(grid_spec[1 + i, 2 * j : 2 * j + 2])
+            sel = [r for r in frontier if r["sigma"] == sigma and r["status"] == "ok"]
+            mc = [r for r in sel if r["estimator"] == "monte_carlo"]
+            ax.loglog([r["seconds"] for r in mc], [r[key] for r in mc], "k.-", label="Monte Carlo")
+            for r in mc:
+                ax.annotate(f"{r['samples']:.0e}", (r["seconds"], r[key]), fontsize=6)
+            for k, r in enumerate(x for x in sel if x["estimator"] != "monte_carlo"):
+                if math.isfinite(r[key]):
+                    ax.loglog(
+                        r["seconds"], max(r[key], 1e-12), "o", color=f"C{k}", label=r["estimator"]
+                    )
+            floor = sel[0]["reference_mean_rel_stderr" if i == 0 else "reference_var_rel_stderr"]
+            ax.axhline(floor, color="grey", ls=":", label="reference stderr")
+            ax.set_title(
+                f"sigma_x = {sigma:g}: {'mean' if i == 0 else 'variance'} error", fontsize=9
+            )
+            ax.set_xlabel("seconds")
+            if j == 0:
+                ax.set_ylabel("relative error vs long Monte Carlo")
+                ax.legend(fontsize=6)
+    for net, ax in zip(
+        [
+            n
+            for n in dict.fromkeys(r["network"] for r in rows)
+            if "reference_samples" not in next(r for r in rows if r["network"] == n)
+        ],
+        (ax1, ax2),
+        strict=False,
+    ):
         sel = [r for r in rows if r["network"] == net]
         for k, est in enumerate(dict.fromkeys(r["estimator"] for r in sel)):
             pts = [r for r in sel if r["estimator"] == est]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,10 @@ def test_runs_a_suite_and_writes_its_files(tmp_path: Path, monkeypatch):
     assert (tmp_path / "covariance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (tmp_path / "covariance.csv").read_text().splitlines()
     assert "# seed: 4" in lines and "# quick: False" in lines
+
+
+def test_quick_and_full_grids_have_the_same_entries():
+    # a suite reads the same keys in both; a key missing from one grid fails only there
+    for name in cli.SUITE_NAMES:
+        module = importlib.import_module(f"validation.suite_{name}")
+        assert sorted(module.grid(True)) == sorted(module.grid(False)), name
