@@ -179,18 +179,26 @@ def load_mnist_subset(root: Path | None, n_train: int, n_test: int, seed: int) -
         trx, tr_y = _read_idx(raw, "train", n_train, gen)
         tex, te_y = _read_idx(raw, "t10k", n_test, gen)
         return ImageData(trx, tr_y, tex, te_y, f"MNIST ({raw})", False)
-    protos = torch.nn.functional.avg_pool2d(torch.rand(10, 1, 28, 28, generator=gen), 5, 1, 2)
-    protos = (protos - protos.mean()) * 6 + 0.3
+    where = "no root given" if raw is None else f"{raw} not found"
+    return _synthetic(gen, n_train, n_test, (1, 28, 28), 0.3,
+                      f"synthetic digits ({where}; MNIST missing)")
+
+
+def _synthetic(gen: torch.Generator, n_train: int, n_test: int, shape: tuple[int, int, int],
+               level: float, source: str) -> ImageData:
+    """Ten smooth random prototypes plus pixel noise, clamped to [0, 1]: the stand-in
+    data of the suites when a data set is missing (``source`` says so)."""
+    protos = torch.nn.functional.avg_pool2d(torch.rand(10, *shape, generator=gen), 5, 1, 2)
+    protos = (protos - protos.mean()) * 6 + level
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.randint(0, 10, (n,), generator=gen)
-        x = (protos[y] + 0.2 * torch.randn(n, 1, 28, 28, generator=gen)).clamp(0, 1)
+        x = (protos[y] + 0.2 * torch.randn(n, *shape, generator=gen)).clamp(0, 1)
         return x, y
 
     trx, tr_y = draw(n_train)
     tex, te_y = draw(n_test)
-    where = "no root given" if raw is None else f"{raw} not found"
-    return ImageData(trx, tr_y, tex, te_y, f"synthetic digits ({where}; MNIST missing)", True)
+    return ImageData(trx, tr_y, tex, te_y, source, True)
 
 
 def train_quickly(
@@ -246,15 +254,6 @@ def load_cifar10_subset(root: Path | None, n_train: int, n_test: int, seed: int)
         trx, tr_y = draw_split("train", n_train)
         tex, te_y = draw_split("test", n_test)
         return ImageData(trx, tr_y, tex, te_y, f"CIFAR-10 JPEG copy ({base})", False)
-    protos = torch.nn.functional.avg_pool2d(torch.rand(10, 3, 32, 32, generator=gen), 5, 1, 2)
-    protos = (protos - protos.mean()) * 6 + 0.45
-
-    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, 10, (n,), generator=gen)
-        x = (protos[y] + 0.2 * torch.randn(n, 3, 32, 32, generator=gen)).clamp(0, 1)
-        return x, y
-
-    trx, tr_y = draw(n_train)
-    tex, te_y = draw(n_test)
     where = "no root given" if base is None else f"{base} not found"
-    return ImageData(trx, tr_y, tex, te_y, f"synthetic images ({where}; CIFAR-10 missing)", True)
+    return _synthetic(gen, n_train, n_test, (3, 32, 32), 0.45,
+                      f"synthetic images ({where}; CIFAR-10 missing)")
