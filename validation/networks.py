@@ -63,6 +63,7 @@ class BasicBlock(nn.Module):
     BatchNorm when the block changes the shape."""
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        """``c_in`` to ``c_out`` channels; ``stride`` 2 halves the spatial size."""
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
@@ -77,6 +78,7 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output for a batch ``x`` of shape ``(N, c_in, H, W)``."""
         out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
         return self.relu2(out + self.shortcut(x))
 
