@@ -235,6 +235,7 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
     report.config["test_accuracy"] = accuracy
     report.config["default_modes"] = modes_used
     report.config["resnet_goal"] = resnet_goal(report.rows)
+    report.config["identity_max_rel_diff"] = max(identity) if identity else float("nan")
     report.summary = _summary(report.rows, g, datasets, identity, accuracy)
     report.figure = _figure(report.rows, g)
     report.seconds = time.perf_counter() - start

@@ -118,7 +118,8 @@ def test_tiny_run_on_synthetic_data(tmp_path: Path):
                     if (r["network"], r["weights"], r["sigma"]) == (net, weights, sigma)
                 }
                 assert got == methods[net]
-    assert len(report.rows) == 2 * 2 * sum(len(m) for m in methods.values())
+    # one row per (weights, sigma, network, method): the loops above saw every one
+    assert len(report.rows) == 2 * len(TINY["sigmas"]) * sum(len(m) for m in methods.values())
     # every row that is not "ok" says why, and the summary lists it
     for r in report.rows:
         assert r["status"] == "ok" or r["status"].startswith(("refused: ", "skipped for time"))
