@@ -44,9 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentkit.network.gaussian_max import clark_max, stein_weight
-from momentkit.network.layers import State, leaky_relu
-from momentkit.relu import relu_moments
+from momentkit.network.gaussian_max import clark_max
+from momentkit.network.layers import State, leaky_relu, relu_stats
 
 __all__ = ["CHAIN_ORDERS", "max_pool2d", "window_indices"]
 
@@ -94,11 +93,18 @@ def window_indices(layer: nn.MaxPool2d, h: int, w: int, device) -> tuple[torch.T
     return idx.to(device), (idx >= 0).to(device), geom[-1]
 
 
+def _ok(ok_w: torch.Tensor, j: int, pad: bool) -> torch.Tensor | None:
+    """The validity of window element ``j``, or None when no window has padding."""
+    return ok_w[..., j] if pad else None
+
+
 def _merge(has, ok, m, v, mj, vj, cross):
     """One link of the chain: ``max(M, X_j)``; where ``X_j`` is padding ``M`` stays, and
     where ``M`` holds no unit yet (padding so far) ``X_j`` is taken. Returns the new
     ``(has, m, v, w1, w2)`` with the Stein weights (0/1 in those two cases)."""
     mc, vc, w1, w2 = clark_max(m, v, mj, vj, cross)
+    if ok is None:  # no padding in any window: every link is a plain maximum
+        return has, mc, vc, w1, w2
     use = ok & has
     take = ok & ~has
     one, zero = torch.ones_like(w1), torch.zeros_like(w1)
@@ -127,6 +133,7 @@ def max_pool2d(layer: nn.MaxPool2d, state: State, relu: bool = False) -> State:
     ``relu``, of ``ReLU`` of its output (:func:`_relu_of_max`)."""
     n, c, h, w = state.mean.shape
     idx, valid, out = window_indices(layer, h, w, state.mean.device)
+    pad = not bool(valid.all())
     if state.cov is not None:
         pooled = _max_pool_full(state, idx, valid, out)
         return leaky_relu(pooled, 0.0) if relu else pooled
@@ -137,16 +144,17 @@ def max_pool2d(layer: nn.MaxPool2d, state: State, relu: bool = False) -> State:
         mean_w, ok_w, var_w = _sort_by_mean(mean_w, valid, (var_w, None))
         has, m, v = ok_w[..., 0], mean_w[..., 0], var_w[..., 0]
         for j in range(1, idx.shape[1]):
-            has, m, v, _, _ = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], 0.0)
+            okj = _ok(ok_w, j, pad)
+            has, m, v, _, _ = _merge(has, okj, m, v, mean_w[..., j], var_w[..., j], 0.0)
         if relu:
             # _relu_of_max for a diagonal covariance, elementwise: the cross-covariances
             # of the chain are all 0.
-            r_mean, r_var = relu_moments(m, v)
-            lam = ((0.75 - stein_weight(m, v)) / 0.5).clamp(0.0, 1.0)
+            r_mean, r_var, g = relu_stats(m, v)
+            lam = ((0.75 - g) / 0.5).clamp(0.0, 1.0)
             has, fm, fv = torch.ones_like(has), torch.zeros_like(m), torch.zeros_like(v)
             for j in range(idx.shape[1]):
                 has, fm, fv, _, _ = _merge(
-                    has, ok_w[..., j], fm, fv, mean_w[..., j], var_w[..., j], 0.0
+                    has, _ok(ok_w, j, pad), fm, fv, mean_w[..., j], var_w[..., j], 0.0
                 )
             m = lam * fm + (1.0 - lam) * r_mean
             v = lam * fv + (1.0 - lam) * r_var
@@ -177,8 +185,7 @@ def _relu_of_max(mean_w, valid, cov_w):
     chain's Gaussian.
     """
     m, v, wts = _window_chain(mean_w, valid, cov_w)
-    r_mean, r_var = relu_moments(m, v)
-    g = stein_weight(m, v)
+    r_mean, r_var, g = relu_stats(m, v)
     lam = ((0.75 - g) / 0.5).clamp(0.0, 1.0)
     z_mean = _with_zero(mean_w)
     ok = valid.expand_as(mean_w)
@@ -220,6 +227,7 @@ def _window_chain(mean_w, valid, cov_w, zero_first: bool = False):
     """
     kk = mean_w.shape[-1]
     ok = valid.expand_as(mean_w)
+    pad = not bool(valid.all())
     lead = 1 if zero_first else 0  # the elements sorted: all, or all but the last
     body_mean, body_ok = mean_w[..., : kk - lead], ok[..., : kk - lead]
     if chain_order == "raster":
@@ -238,7 +246,9 @@ def _window_chain(mean_w, valid, cov_w, zero_first: bool = False):
     cov_m = cs[..., 0, :]
     weights = [has.to(m.dtype)]
     for j in range(1, kk):
-        has, m, v, w1, w2 = _merge(has, oks[..., j], m, v, ms[..., j], vs[..., j], cov_m[..., j])
+        has, m, v, w1, w2 = _merge(
+            has, _ok(oks, j, pad), m, v, ms[..., j], vs[..., j], cov_m[..., j]
+        )
         cov_m = w1.unsqueeze(-1) * cov_m + w2.unsqueeze(-1) * cs[..., j, :]
         weights = [wt * w1 for wt in weights] + [w2]
     wts = torch.zeros_like(mean_w).scatter(-1, order, torch.stack(weights, -1))
@@ -252,6 +262,7 @@ def _max_pool_full(state: State, idx, valid, out) -> State:
         c * idx.shape[0], -1
     )  # (Dout, kk) flat unit index of each window element
     ok_all = valid.repeat(c, 1)  # (Dout, kk)
+    pad = not bool(valid.all())
     cov = state.cov
     mean_w = state.mean.reshape(n, -1)[:, units]  # (N, Dout, kk)
     diag = torch.diagonal(cov, dim1=-2, dim2=-1)
@@ -267,7 +278,9 @@ def _max_pool_full(state: State, idx, valid, out) -> State:
         uj = units_w[..., j]
         cov_j = cov.gather(1, uj.unsqueeze(-1).expand(-1, -1, cov.shape[-1]))
         cross = cov_m.gather(2, uj.unsqueeze(-1)).squeeze(-1)
-        has, m, v, w1, w2 = _merge(has, ok_w[..., j], m, v, mean_w[..., j], var_w[..., j], cross)
+        has, m, v, w1, w2 = _merge(
+            has, _ok(ok_w, j, pad), m, v, mean_w[..., j], var_w[..., j], cross
+        )
         cov_m = w1.unsqueeze(-1) * cov_m + w2.unsqueeze(-1) * cov_j
         weights = [wt * w1 for wt in weights] + [w2]
     wts = torch.stack(weights, -1)  # (N, Dout, kk) weights of the sorted elements

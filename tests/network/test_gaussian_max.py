@@ -123,6 +123,36 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(lambda *a: clark_max(*a)[:2], args)
 
 
+def test_float32_fast_path_gradients_match_float64():
+    # Below float64 clark_max takes the float32 ReLU kernel (its own analytic backward);
+    # its gradients are those of the float64 path to float32 accuracy. Derivatives of
+    # the mean and variance are O(1) in these units, so the tolerance is absolute,
+    # 1e-4 (a few hundred float32 ulps: the variance's derivative sums several terms).
+    gen = torch.Generator().manual_seed(3)
+    m1, m2 = torch.randn(2, 200, generator=gen, dtype=torch.float64) * 2.0
+    v1, v2 = torch.rand(2, 200, generator=gen, dtype=torch.float64) * 2.0 + 0.01
+    c = (torch.rand(200, generator=gen, dtype=torch.float64) * 1.8 - 0.9) * (v1 * v2).sqrt()
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        args = [t.detach().to(dtype).clone().requires_grad_() for t in (m1, v1, m2, v2, c)]
+        mean, var, w1, w2 = clark_max(*args)
+        (mean.sum() + 0.5 * var.sum() + 0.25 * w1.sum()).backward()
+        grads[dtype] = [a.grad.double() for a in args]
+        assert float((w1 + w2 - 1.0).detach().abs().max()) <= 4 * torch.finfo(dtype).eps
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64], strict=True):
+        assert float((g32 - g64).abs().max()) < 1e-4
+
+
+def test_float32_ties_have_finite_gradients():
+    m = torch.tensor([0.0, 1.0, 0.0, 2.0], requires_grad=True)
+    v = torch.tensor([1.0, 1.0, 0.0, 0.0], requires_grad=True)
+    mean, var, w1, w2 = clark_max(m, v, m.detach().clone(), v.detach().clone(), v.detach())
+    assert torch.equal(mean.detach(), m.detach())
+    assert torch.equal(w1.detach(), torch.full_like(w1, 0.5))
+    (mean.sum() + var.sum()).backward()
+    assert torch.isfinite(m.grad).all() and torch.isfinite(v.grad).all()
+
+
 def test_stein_weight_limits():
     m = torch.tensor([1.0, -1.0, 0.0, 0.5])
     v = torch.tensor([0.0, 0.0, 0.0, 0.25])
