@@ -33,14 +33,18 @@ values or gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from momentkit._relu_kernels import ReluMomentsFast
 from momentkit.special import _normal_cdf as normal_cdf
 from momentkit.special import _normal_pdf as normal_pdf
 from momentkit.special import mills_ratio
 
 __all__ = ["clark_max", "lower_relu_mean", "stein_weight"]
+
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _floor(dtype: torch.dtype) -> float:
@@ -129,16 +133,45 @@ def clark_max(
 
 
 def _clark_max_fast(m1, v1, m2, v2, mu, theta2, first):
-    """:func:`clark_max` below float64: ``T(-|mu|, theta)`` and ``Phi(-|a|)`` from the
-    float32 ReLU kernel (:class:`momentkit._relu_kernels.ReluMomentsFast`: branch free,
-    a continued fraction in the tail, analytic derivatives) instead of ``erfcx``; same
-    formulas, same limits at ``theta = 0`` (weights ``1, 0``, or ``1/2`` at a tie)."""
+    """:func:`clark_max` below float64, in float32 (half precision computed in float32).
+
+    ``T(-|mu|, theta) = theta (phi(t) - t Phi(-t))``, ``t = |a|``, directly, with
+    ``Phi(-t)`` from ``erfc`` (relatively accurate in the tail) instead of ``erfcx``
+    (not vectorized on CPU): about 30 elementwise operations per merge. The subtraction
+    amplifies the relative errors of ``phi`` and ``Phi(-t)`` about ``t^2``-fold, as in
+    :func:`lower_relu_mean`; ``phi`` is computed with an exactly split exponent, so its
+    own error stays a few eps (a plain ``exp(-t^2 / 2)`` carries ``eps t^2``, which made
+    the variance error 228 eps below). Measured on 400,000 random cases (means and
+    variances over ten decades, any correlation) against the float64 path: the mean
+    within ``14 eps (max(|m1|, |m2|) + theta)``, the variance within
+    ``29 eps (v1 w1 + v2 w2)``, as through ``erfcx`` (tests:
+    ``tests/network/test_gaussian_max.py``). On 184,320 merges (LeNet's first pool at
+    batch 64), 1 thread, best of 15: 32 ms against 46 ms through ``erfcx`` (forward),
+    86 ms against 110 ms with the backward pass. Same limits at ``theta = 0`` (weights
+    ``1, 0``, or ``1/2`` at a tie).
+    """
     dtype = torch.promote_types(mu.dtype, theta2.dtype)
-    tail, _, small = ReluMomentsFast.apply(torch.where(first, -mu, mu).float(), theta2.float())
-    tail, small = tail.to(dtype), small.to(dtype)
-    mean = torch.where(first, m1, m2) + tail
+    work = torch.promote_types(dtype, torch.float32)
+    mu, theta2 = mu.to(work), theta2.to(work)
+    pos = theta2 > _floor(work)
+    theta = torch.where(pos, theta2, torch.ones_like(theta2)).sqrt()
+    amu = torch.where(first, mu, -mu)  # |mu|, with the one-sided derivatives at 0
+    # From t = 14 on phi(t) and Phi(-t) are 0 in float32; the clamp keeps t * Phi(-t)
+    # from being inf * 0.
+    t = torch.where(pos, amu / theta, torch.zeros_like(amu)).clamp_max(30.0)
+    u = t * _INV_SQRT2
+    small = torch.special.erfc(u) * 0.5  # Phi(-t)
+    # phi(t) = exp(-u^2) / sqrt(2 pi) with u^2 split as uh^2 + (u - uh)(u + uh), uh = u
+    # rounded to 1/16: uh^2 is exact, so the exponent carries no rounding of size eps u^2
+    # (which the subtraction below would amplify t^2-fold).
+    uh = torch.round(u * 16.0) * 0.0625
+    phi = torch.exp(-uh * uh) * torch.exp((uh - u) * (u + uh)) * _INV_SQRT_2PI
+    tie = torch.where(mu == 0, 0.5, 0.0).to(work)
+    tail = torch.where(pos, theta * (phi - t * small), torch.zeros_like(t)).to(dtype)
+    small = torch.where(pos, small, tie).to(dtype)
     big = 1.0 - small
+    mean = torch.where(first, m1, m2) + tail
     w1 = torch.where(first, big, small)
     w2 = torch.where(first, small, big)
-    var = (v1 * w1 + v2 * w2 - tail * (mu.abs() + tail)).clamp_min(0.0)
+    var = (v1 * w1 + v2 * w2 - tail * (amu.to(dtype) + tail)).clamp_min(0.0)
     return mean, var, w1, w2
