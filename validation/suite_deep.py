@@ -50,6 +50,7 @@ from torch import nn
 
 from momentkit import network_moments
 from momentkit.errors import MomentInputError
+from momentkit.network import network_mode
 from momentkit.references.linearization import two_stage_linearization
 from momentkit.references.montecarlo import monte_carlo_moments
 from momentkit.regularizer import expected_prediction
@@ -150,10 +151,8 @@ def _relus(model: nn.Module) -> int:
 
 def default_mode(model: nn.Module, x: torch.Tensor) -> str:
     """The mode ``network_moments(model, x, sigma)`` picks with ``covariance="auto"``
-    (its own rule, read without running it)."""
-    from momentkit.network.propagate import _choose_mode, _trace
-
-    return _choose_mode("auto", _trace(model), x)
+    (:func:`momentkit.network.network_mode`: its own rule, without running it)."""
+    return network_mode(model, x, "auto")
 
 
 def _timed(fn, *args, **kwargs):

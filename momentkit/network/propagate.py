@@ -27,7 +27,9 @@ from momentkit.network import layers as L
 from momentkit.network.pooling import max_pool2d
 from momentkit.regularizer import _nonfinite_error, input_variance
 
-__all__ = ["FACTOR_MAX_BYTES", "FULL_MAX_UNITS", "NetworkMoments", "network_moments"]
+__all__ = [
+    "FACTOR_MAX_BYTES", "FULL_MAX_UNITS", "NetworkMoments", "network_mode", "network_moments",
+]
 
 _FN = "network_moments"
 MODES = ("auto", "diagonal", "factor", "full")
@@ -310,6 +312,23 @@ def _output(state, mode: str, model: nn.Module) -> NetworkMoments:
         f = state.factor.flatten(2).expand(n, -1, -1)
         cov = f.transpose(1, 2) @ f + torch.diag_embed(state.var.reshape(n, -1))
     return NetworkMoments(state.mean, var, cov, mode)
+
+
+def network_mode(model: nn.Module, x: torch.Tensor, covariance: str = "auto") -> str:
+    """The mode that ``network_moments(model, x, sigma, covariance=covariance)`` uses
+    (``"diagonal"``, ``"factor"`` or ``"full"``), found without computing any moment: one
+    forward pass of the first image for the layer sizes. ``"auto"`` resolves by the
+    rule in :func:`network_moments`; an explicit mode is returned as is when it fits.
+
+    Raises:
+        MomentInputError: as :func:`network_moments` for a model that cannot be traced,
+            an unknown ``covariance``, or a mode past its memory limit for this batch.
+    """
+    if not isinstance(model, nn.Module):
+        raise MomentInputError(
+            f"network_mode: model must be an nn.Module, got {type(model).__name__}"
+        )
+    return _choose_mode(covariance, _trace(model), x)
 
 
 def network_moments(

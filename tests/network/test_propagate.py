@@ -138,6 +138,29 @@ def test_auto_picks_full_for_small_and_factor_for_lenet():
     assert network_moments(net, torch.rand(1, 1, 28, 28), 0.0).mode == "factor"
 
 
+def test_network_mode_is_the_mode_network_moments_uses():
+    from experiments.models import lenet
+    from momentkit.network import network_mode
+    from momentkit.network.propagate import FACTOR_MAX_BYTES
+
+    small, net = one_hidden_layer(), lenet("mnist").eval()
+    x_small, x_net = torch.randn(2, 4, dtype=F64), torch.rand(1, 1, 28, 28)
+    for model, x in ((small, x_small), (net, x_net)):
+        for cov in ("auto", "diagonal", "factor"):
+            assert network_mode(model, x, cov) == network_moments(
+                model, x, 0.1, covariance=cov
+            ).mode
+    # A batch whose factor would pass FACTOR_MAX_BYTES: "auto" falls back to diagonal,
+    # an explicit "factor" is refused with the same error as network_moments gives.
+    big = int(FACTOR_MAX_BYTES // (784 * 32 * 28 * 28 * 4)) + 1
+    x_big = torch.rand(big, 1, 28, 28)
+    assert network_mode(net, x_big) == "diagonal"
+    with pytest.raises(MomentInputError, match="covariance='factor' needs"):
+        network_mode(net, x_big, "factor")
+    with pytest.raises(MomentInputError, match="network_mode: model must be an nn.Module"):
+        network_mode(lambda t: t, x_small)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_dead_units_ties_and_zero_variance_give_finite_gradients(mode):
     model = lenet_like(nn.MaxPool2d(2))
