@@ -180,7 +180,7 @@ def load_mnist_subset(root: Path | None, n_train: int, n_test: int, seed: int) -
     if raw is not None and raw.is_dir():
         trx, tr_y = _read_idx(raw, "train", n_train, gen)
         tex, te_y = _read_idx(raw, "t10k", n_test, gen)
-        return ImageData(trx, tr_y, tex, te_y, f"MNIST ({raw})", False)
+        return ImageData(trx, tr_y, tex, te_y, "MNIST (DATA_ROOT/MNIST/raw)", False)
     where = "no root given" if raw is None else f"{raw} not found"
     return _synthetic(gen, n_train, n_test, (1, 28, 28), 0.3,
                       f"synthetic digits ({where}; MNIST missing)")
@@ -255,7 +255,7 @@ def load_cifar10_subset(root: Path | None, n_train: int, n_test: int, seed: int)
 
         trx, tr_y = draw_split("train", n_train)
         tex, te_y = draw_split("test", n_test)
-        return ImageData(trx, tr_y, tex, te_y, f"CIFAR-10 JPEG copy ({base})", False)
+        return ImageData(trx, tr_y, tex, te_y, "CIFAR-10 JPEG copy (DATA_ROOT/cifar10-jpeg)", False)
     where = "no root given" if base is None else f"{base} not found"
     return _synthetic(gen, n_train, n_test, (3, 32, 32), 0.45,
                       f"synthetic images ({where}; CIFAR-10 missing)")
