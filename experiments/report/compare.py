@@ -209,6 +209,23 @@ def chosen_pairs(fc: FairComparison) -> list[tuple[str, RunRecord, RunRecord]]:
     return [(name, a, b) for name, a, b in pairs if a is not None and b is not None]
 
 
+def noise_references(fc: FairComparison, records: Iterable[RunRecord]) -> dict[str, RunRecord]:
+    """For ``"augment"`` and ``"gaussian"``: the fair comparison's best run of the method
+    if one qualifies, else the method's most robust run without degenerate predictions
+    (so that regularizer runs can be set against noise training even when no
+    regularizer run, or no noise run, reaches the baseline's accuracy). Methods without
+    runs are left out."""
+    refs: dict[str, RunRecord] = {}
+    for method in ("augment", "gaussian"):
+        best = fc.best.get(method)
+        if best is None:
+            runs = [r for r in records if r.method == method and not r.degenerate]
+            best = max(runs, key=lambda r: r.robustness, default=None)
+        if best is not None:
+            refs[method] = best
+    return refs
+
+
 def cost_table(records: Iterable[RunRecord]) -> list[dict[str, Any]]:
     """Per method: number of runs and the median wall time, training time, epochs, steps.
 

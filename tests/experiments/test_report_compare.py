@@ -88,6 +88,26 @@ def test_no_qualifying_run_and_no_baseline() -> None:
     assert fair_choice(runs[1:], 0.01) is None
 
 
+def test_noise_references_fall_back_to_the_most_robust_run() -> None:
+    from experiments.report.compare import noise_references
+
+    runs = [
+        record("base", "baseline", 0.9, 0.5),
+        record("a-ok", "augment", 0.9, 0.7),  # qualifies
+        record("a-rob", "augment", 0.8, 0.9),  # more robust, does not qualify
+        record("g-rob", "gaussian", 0.8, 0.95),
+        record("g-flat", "gaussian", 0.8, 1.0, flagged=True),
+        record("g-less", "gaussian", 0.85, 0.6),
+        record("m", "moment", 0.85, 0.8),
+    ]
+    fc = fair_choice(runs, 0.0)
+    refs = noise_references(fc, runs)
+    # augment: the qualifying best; gaussian: none qualifies, so its most robust run
+    # that is not flagged.
+    assert {k: r.run_id for k, r in refs.items()} == {"augment": "a-ok", "gaussian": "g-rob"}
+    assert noise_references(fair_choice(runs[:1] + runs[-1:], 0.0), runs[-1:]) == {}
+
+
 def test_flagged_runs_are_never_chosen() -> None:
     """A run with (nearly) constant predictions is perfectly robust by Eq. 6; it must not
     be picked as the most robust run, nor be the baseline."""

@@ -47,6 +47,13 @@ def test_write_report_on_synthetic_runs(tmp_path: Path, capsys: pytest.CaptureFi
     assert "| moment alpha=1 sigma=0.5 | 0.9025 | 0.25 [" in text
     assert "| augment N~=6 sigma=0.5 | 0.8800 | -2.00 [" in text
     assert text.count("| no |") == 2 and text.count("| yes |") == 2
+    # every regularizer run against the best augmentation (aug2 qualifies; no Gaussian
+    # run): mom1 one image more than aug2 (+0.25 points), R ratio 0.99 / 0.921875
+    assert "Every regularizer run against the best noise-training runs" in text
+    mom1 = next(line for line in text.splitlines()
+                if line.startswith("| moment alpha=1 sigma=0.5 | augment N~=2 sigma=0.25 |"))
+    assert "| 0.25 [" in mom1 and f"| {0.99 / 0.921875:.3f} [" in mom1
+    assert "| moment alpha=5 sigma=2 | augment N~=2 sigma=0.25 | -0.25 [" in text
     assert "## Runs left out\n\nNone" in text
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert [p.split("_")[0] for p in pngs] == ["accuracy", "compute", "fair"]
