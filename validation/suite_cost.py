@@ -12,36 +12,33 @@ accuracy-against-time frontier on a LeNet-shaped network: each analytic method
 curve, errors against a long Monte Carlo run; per ``sigma_x``, whether the default
 mode beats Monte Carlo at equal wall time (:func:`mc_error_at`).
 
-Time is wall clock (best of a few runs for anything under a second). Peak memory is
-the largest resident-set growth during the call, sampled every millisecond by a
-background thread, after returning freed heap memory to the system (on CUDA:
-``torch.cuda.max_memory_allocated``); values below about 1 MiB are noise. The
+Time and peak memory: :func:`validation.measuring.measure` (best of a few runs for
+anything under a second). The frontier is in :mod:`validation.cost_frontier`. The
 ``samples_for_target`` and ``seconds_for_target`` columns extrapolate Monte Carlo to
 a standard error of ``target`` (``stderr ~ 1/sqrt(N)``).
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
-import os
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from momentkit import network_moments
-from momentkit.errors import MomentInputError
 from momentkit.references.linearization import two_stage_linearization
 from momentkit.references.montecarlo import monte_carlo_affine_relu_affine, monte_carlo_moments
 from momentkit.regularizer import expected_prediction
 from momentkit.shallow import affine_relu_affine_covariance, affine_relu_affine_mean
+from validation.cost_frontier import (  # noqa: F401  (part of this suite's interface)
+    FRONTIER_METHODS,
+    frontier_rows,
+    mc_error_at,
+)
 from validation.cost_report import _figure, _frontier_summary
-from validation.networks import lenet_shaped, load_mnist_subset
+from validation.measuring import measure
+from validation.networks import lenet_shaped
 from validation.reporting import SuiteConfig, SuiteReport, markdown_table, progress
 
 NAME = "cost"
@@ -80,66 +77,6 @@ def grid(quick: bool) -> dict[str, Any]:
         "frontier_mc_samples": [100, 1000, 10_000, 100_000],
         "frontier_reference_samples": 200_000,
     }
-
-
-def _release_freed_memory() -> None:
-    """Return freed heap memory to the system (glibc), so that resident-set growth
-    measures new allocations rather than reuse of memory freed earlier. Also fixes
-    glibc's mmap threshold at 128 KiB (it otherwise grows up to 32 MiB after large
-    frees, and such buffers then stay resident). A no-op on other C libraries."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> tuple[float, int, Any]:
-    """``(seconds, peak bytes, result)`` of ``fn()``; seconds is the best of ``repeat``."""
-    gc.collect()
-    _release_freed_memory()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        base = _rss()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss())
-            time.sleep(0.001)
-
-    sampler = None
-    if device.type != "cuda":
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-    best = math.inf
-    result = None
-    try:
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            result = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        stop.set()
-        if sampler is not None:
-            sampler.join()
-    if device.type == "cuda":
-        used = torch.cuda.max_memory_allocated(device) - base
-    else:
-        used = max(peak[0], _rss()) - base
-    return best, int(used), result
 
 
 def _shallow_rows(cfg: SuiteConfig, g: dict, bar) -> list[dict]:
@@ -248,165 +185,6 @@ def _lenet_rows(cfg: SuiteConfig, g: dict, bar) -> list[dict]:
     return rows
 
 
-FRONTIER_METHODS = ("surrogate", "linearization_last", "nm_diagonal", "nm_factor", "nm_full")
-
-
-def _errors(mean, var, ref, ref_var) -> tuple[float, float]:
-    """Median over images of ``||m - m_ref|| / ||m_ref||`` and median over outputs and
-    images of ``|v - v_ref| / v_ref`` (NaN without a variance)."""
-    d = (mean.double() - ref.mean).flatten(1).norm(dim=1) / ref.mean.flatten(1).norm(dim=1)
-    v = float("nan")
-    if var is not None:
-        v = float(((var.double() - ref_var).abs() / ref_var.clamp_min(1e-300)).median())
-    return float(d.median()), v
-
-
-def mc_error_at(seconds: float, curve: list[tuple[float, float]]) -> tuple[float, bool]:
-    """Monte Carlo's error after ``seconds`` of wall time, from its measured
-    ``(seconds, error)`` points: linear interpolation in log-log between the points
-    that bracket ``seconds``; outside them, the nearest point scaled by
-    ``error ~ seconds**-1/2`` (``stderr ~ 1/sqrt(N)``, ``N`` proportional to time).
-    Returns ``(error, extrapolated)``."""
-    pts = sorted((t, e) for t, e in curve if t > 0 and e > 0 and math.isfinite(e))
-    if not pts:
-        return float("nan"), True
-    if seconds <= pts[0][0]:
-        t0, e0 = pts[0]
-        return e0 * math.sqrt(t0 / seconds), seconds < pts[0][0]
-    if seconds >= pts[-1][0]:
-        t0, e0 = pts[-1]
-        return e0 * math.sqrt(t0 / seconds), seconds > pts[-1][0]
-    for (t0, e0), (t1, e1) in zip(pts, pts[1:], strict=False):
-        if t0 <= seconds <= t1:
-            w = math.log(seconds / t0) / math.log(t1 / t0) if t1 > t0 else 0.0
-            return math.exp(math.log(e0) + w * (math.log(e1) - math.log(e0))), False
-    raise AssertionError("unreachable")
-
-
-def _frontier_rows(cfg: SuiteConfig, g: dict, bar) -> tuple[list[dict], list[dict]]:
-    """Accuracy against time on a LeNet-shaped network with random weights and MNIST
-    test images (float32): every analytic method as a point, Monte Carlo as a curve,
-    errors against a long Monte Carlo run. Returns ``(rows, verdicts)``; a verdict per
-    ``sigma_x`` says whether the default mode beats Monte Carlo at equal wall time."""
-    from validation.suite_deep import default_mode
-
-    dev = cfg.torch_device
-    torch.manual_seed(cfg.seed)
-    model = lenet_shaped(g["frontier_width"]).to(dev).eval()
-    data = load_mnist_subset(cfg.data_root, 0, g["frontier_points"], cfg.seed)
-    x = data.test_x.to(dev)
-    auto = default_mode(model, x)
-    name = f"lenet-shaped width {g['frontier_width']:g} (random weights, float32)"
-    n_relu = sum(isinstance(m, nn.ReLU) for m in model.modules())
-    rows: list[dict] = []
-    verdicts: list[dict] = []
-
-    def nm(mode: str, sigma: float):
-        with torch.no_grad():
-            r = network_moments(model, x, sigma, covariance=mode)
-        return r.mean, r.var
-
-    def surrogate(sigma: float):
-        with torch.no_grad():
-            return expected_prediction(model, x, sigma).surrogate
-
-    for j, sigma in enumerate(g["frontier_sigmas"]):
-        n_ref = g["frontier_reference_samples"]
-        t, mem, ref = measure(
-            lambda sigma=sigma, j=j, n_ref=n_ref: monte_carlo_moments(
-                model, x, sigma**2, n_ref, seed=10_007 + 101 * cfg.seed + j, batch_size=2048
-            ),
-            dev,
-        )
-        ref_var = ref.stderr**2 * n_ref
-        floor_mean = float(
-            (ref.stderr.flatten(1).norm(dim=1) / ref.mean.flatten(1).norm(dim=1)).median()
-        )
-        floor_var = math.sqrt(2 / (n_ref - 1))
-        base = {
-            "network": name,
-            "sigma": sigma,
-            "reference_samples": n_ref,
-            "reference_seconds": t,
-            "reference_mean_rel_stderr": floor_mean,
-            "reference_var_rel_stderr": floor_var,
-            "default_mode": auto,
-            "points": len(x),
-            "data": data.source,
-        }
-        calls: dict[str, Any] = {
-            "surrogate": lambda sigma=sigma: (surrogate(sigma), None),
-            "linearization_last": lambda sigma=sigma: (
-                two_stage_linearization(model, x, sigma, n_relu - 1, compute_cov=False).mean,
-                None,
-            ),
-        }
-        for mode in ("diagonal", "factor", "full"):
-            calls[f"nm_{mode}"] = lambda sigma=sigma, mode=mode: nm(mode, sigma)
-        for est, fn in calls.items():
-            row = {**base, "estimator": est, "samples": 0}
-            try:
-                t, mem, (mean, var) = measure(fn, dev)
-            except MomentInputError as exc:
-                rows.append({**row, "status": f"refused: {exc}"})
-                next(bar, None)
-                continue
-            m_err, v_err = _errors(mean, var, ref, ref_var)
-            rows.append(
-                {
-                    **row,
-                    "status": "ok",
-                    "seconds": t,
-                    "peak_mib": mem / 2**20,
-                    "mean_err": m_err,
-                    "var_err": v_err,
-                }
-            )
-            next(bar, None)
-        for i, n in enumerate(g["frontier_mc_samples"]):
-            t, mem, res = measure(
-                lambda sigma=sigma, n=n, i=i, j=j: monte_carlo_moments(
-                    model,
-                    x,
-                    sigma**2,
-                    n,
-                    seed=20_011 + 101 * cfg.seed + 13 * j + i,
-                    batch_size=2048,
-                ),
-                dev,
-            )
-            m_err, v_err = _errors(res.mean, res.stderr**2 * n, ref, ref_var)
-            rows.append(
-                {
-                    **base,
-                    "estimator": "monte_carlo",
-                    "samples": n,
-                    "status": "ok",
-                    "seconds": t,
-                    "peak_mib": mem / 2**20,
-                    "mean_err": m_err,
-                    "var_err": v_err,
-                }
-            )
-            next(bar, None)
-        point = next(r for r in rows if r["sigma"] == sigma and r["estimator"] == f"nm_{auto}")
-        curve = [r for r in rows if r["sigma"] == sigma and r["estimator"] == "monte_carlo"]
-        verdict: dict[str, Any] = {"sigma": sigma, "mode": auto, "seconds": point["seconds"]}
-        for key, floor in (("mean_err", floor_mean), ("var_err", floor_var)):
-            mc_err, extrapolated = mc_error_at(
-                point["seconds"], [(r["seconds"], r[key]) for r in curve]
-            )
-            err = point[key]
-            verdict[f"{key}_auto"] = err
-            verdict[f"{key}_mc_same_time"] = mc_err
-            verdict[f"{key}_extrapolated"] = extrapolated
-            # Below three reference standard errors neither error is resolved.
-            resolved = max(err, mc_err) > 3 * floor
-            verdict[f"{key}_auto_better"] = (err < mc_err) if resolved else None
-        verdicts.append(verdict)
-    return rows, verdicts
-
-
 def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteReport:
     """Run the suite; ``overrides`` replaces entries of :func:`grid` (for tests)."""
     start = time.perf_counter()
@@ -428,7 +206,7 @@ def run(cfg: SuiteConfig, overrides: dict[str, Any] | None = None) -> SuiteRepor
         compute_cov=False,
     )
     report.rows = _shallow_rows(cfg, g, bar) + _lenet_rows(cfg, g, bar)
-    frontier, verdicts = _frontier_rows(cfg, g, bar)
+    frontier, verdicts = frontier_rows(cfg, g, bar)
     report.config["frontier_verdicts"] = verdicts
     shallow = [r for r in report.rows if r["network"].startswith("affine")]
     analytic = shallow[0]
