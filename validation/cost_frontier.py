@@ -41,6 +41,13 @@ def _errors(mean, var, ref, ref_var) -> tuple[float, float]:
     return float(d.median()), v
 
 
+def _measured(row: dict, seconds: float, mem: int, errors: tuple[float, float]) -> dict:
+    """``row`` with the status, time, peak memory (MiB) and the two errors of a run."""
+    m_err, v_err = errors
+    out = {**row, "status": "ok", "seconds": seconds, "peak_mib": mem / 2**20}
+    return {**out, "mean_err": m_err, "var_err": v_err}
+
+
 def mc_error_at(seconds: float, curve: list[tuple[float, float]]) -> tuple[float, bool]:
     """Monte Carlo's error after ``seconds`` of wall time, from its measured
     ``(seconds, error)`` points: linear interpolation in log-log between the points
@@ -129,17 +136,7 @@ def frontier_rows(cfg: SuiteConfig, g: dict, bar) -> tuple[list[dict], list[dict
                 rows.append({**row, "status": f"refused: {exc}"})
                 next(bar, None)
                 continue
-            m_err, v_err = _errors(mean, var, ref, ref_var)
-            rows.append(
-                {
-                    **row,
-                    "status": "ok",
-                    "seconds": t,
-                    "peak_mib": mem / 2**20,
-                    "mean_err": m_err,
-                    "var_err": v_err,
-                }
-            )
+            rows.append(_measured(row, t, mem, _errors(mean, var, ref, ref_var)))
             next(bar, None)
         for i, n in enumerate(g["frontier_mc_samples"]):
             t, mem, res = measure(
@@ -153,19 +150,8 @@ def frontier_rows(cfg: SuiteConfig, g: dict, bar) -> tuple[list[dict], list[dict
                 ),
                 dev,
             )
-            m_err, v_err = _errors(res.mean, res.stderr**2 * n, ref, ref_var)
-            rows.append(
-                {
-                    **base,
-                    "estimator": "monte_carlo",
-                    "samples": n,
-                    "status": "ok",
-                    "seconds": t,
-                    "peak_mib": mem / 2**20,
-                    "mean_err": m_err,
-                    "var_err": v_err,
-                }
-            )
+            row = {**base, "estimator": "monte_carlo", "samples": n}
+            rows.append(_measured(row, t, mem, _errors(res.mean, res.stderr**2 * n, ref, ref_var)))
             next(bar, None)
         point = next(r for r in rows if r["sigma"] == sigma and r["estimator"] == f"nm_{auto}")
         curve = [r for r in rows if r["sigma"] == sigma and r["estimator"] == "monte_carlo"]
