@@ -85,7 +85,8 @@ def lower_relu_mean(x: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     number of the dtype: ``3e-13`` in float64 (``t < 38``), ``4e-5`` in float32 (``t <
     13.2``; measured at most ``3.6 eps (1 + t^2)``); tested against
     :func:`momentkit.relu.relu_mean` and the float64 evaluation. A cheaper stand-in for
-    ``relu_mean`` on this half-line, which Clark's maximum evaluates once per merge.
+    ``relu_mean`` on this half-line, which Clark's maximum in float64 evaluates once per
+    merge.
     At ``var = 0``: ``T = 0`` with derivative ``1/2`` at ``x = 0`` and 0 below.
     """
     dtype = torch.promote_types(x.dtype, var.dtype)
@@ -146,9 +147,9 @@ def _clark_max_fast(m1, v1, m2, v2, mu, theta2, first):
     within ``14 eps (max(|m1|, |m2|) + theta)``, the variance within
     ``29 eps (v1 w1 + v2 w2)``, as through ``erfcx`` (tests:
     ``tests/network/test_gaussian_max.py``). On 184,320 merges (LeNet's first pool at
-    batch 64), 1 thread, best of 15: 32 ms against 46 ms through ``erfcx`` (forward),
-    86 ms against 110 ms with the backward pass. Same limits at ``theta = 0`` (weights
-    ``1, 0``, or ``1/2`` at a tie).
+    batch 64), 1 thread, best of 15, other jobs paused: 7.6 ms against 12.1 ms through
+    ``erfcx`` (forward), 20 ms against 25 ms with the backward pass. Same limits at
+    ``theta = 0`` (weights ``1, 0``, or ``1/2`` at a tie).
     """
     dtype = torch.promote_types(mu.dtype, theta2.dtype)
     work = torch.promote_types(dtype, torch.float32)
