@@ -50,8 +50,8 @@ them with paired confidence intervals.
   The paper ran lenet on mnist, cifar10, cifar100 and alexnet on cifar10, cifar100.
 * ``paper-all``: the five grids of the paper (420 runs).
 * every ``experiments/grids/<name>.toml`` shipped with the package, by ``<name>``
-  (``converged-mnist``, ``reduced-cpu``, ``reduced-cpu-10ep``, ``reduced-cpu-cifar10``,
-  ``tiny``).
+  (``converged-mnist``, ``network-sweep-mnist``, ``reduced-cpu``, ``reduced-cpu-10ep``,
+  ``reduced-cpu-cifar10``, ``tiny``).
 
 The command line (``python -m experiments grid ...``) is :mod:`experiments.grid_cli`.
 """
