@@ -8,6 +8,7 @@ from torch import nn
 
 import momentkit
 from momentkit import MomentInputError, Normalize, network_moments
+from tests.network.gradients import assert_finite_moments_and_gradients
 
 MODES = ("diagonal", "factor", "full")
 F64 = torch.float64
@@ -169,13 +170,7 @@ def test_dead_units_ties_and_zero_variance_give_finite_gradients(mode):
         model[1].bias.copy_(torch.tensor([-5.0, 0.0, 3.0]))  # dead, kink, linear
     x = torch.rand(2, 1, 8, 8, dtype=F64)
     sigma = torch.tensor([0.0, 0.5], dtype=F64).repeat_interleave(32).reshape(1, 8, 8)
-    sigma.requires_grad_(True)
-    res = network_moments(model, x, sigma, covariance=mode)
-    assert torch.isfinite(res.mean).all() and torch.isfinite(res.var).all()
-    (res.mean.sum() + res.var.sum()).backward()
-    assert torch.isfinite(sigma.grad).all()
-    for p in model.parameters():
-        assert torch.isfinite(p.grad).all()
+    assert_finite_moments_and_gradients(model, x, sigma, mode)
 
 
 @pytest.mark.slow
