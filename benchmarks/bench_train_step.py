@@ -1,6 +1,6 @@
 """Cost of one training step: plain vs moment-regularized vs noisy augmentation (LeNet, MNIST).
 
-Three ways to train the paper's LeNet on MNIST (``experiments.models.lenet``), each
+Ways to train the paper's LeNet on MNIST (``experiments.models.lenet``), each
 timed per mini-batch (forming the batch, forward, backward, Adam step) on the same
 model, interleaved round by round so that a busy machine slows all three alike:
 
@@ -12,7 +12,9 @@ model, interleaved round by round so that a busy machine slows all three alike:
 * ``gaussian``: Gaussian noise training in the style of Cohen et al. (2019),
   ``CE(Phi(x + sigma z), y)`` with one fresh draw per image and epoch,
   the batches of :func:`experiments.augment.gaussian_noise_batches` (the training
-  loop's own), noise added in place by :func:`experiments.augment.add_counter_normal_`.
+  loop's own), noise added in place by :func:`experiments.augment.add_counter_normal_`;
+* ``moment_network`` (only when named in ``--methods``): the regularized step on
+  whole-network moments, ``moment_regularized_loss(..., moments="network")``.
 
 ``--batch-sizes`` times several batch sizes in the same rounds (one model per batch
 size), so that all ratios of a run are measured under the same load. Reported per
@@ -43,6 +45,7 @@ import argparse
 import json
 import math
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -64,7 +67,8 @@ from experiments.models import lenet
 from momentkit import regularizer
 from momentkit.regularizer import moment_regularized_loss
 
-METHODS = ("plain", "moment", "augment", "gaussian")
+METHODS = ("plain", "moment", "augment", "gaussian", "moment_network")
+DEFAULT_METHODS = METHODS[:4]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -104,8 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="time these batch sizes in the same rounds (overrides --batch-size; "
                         "memory and profile use the first)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                   help="methods to time (plain is always timed)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                   help="methods to time (plain is always timed; moment_network only "
+                        "when named)")
     p.add_argument("--sigma", type=float, default=0.5, help="training noise std (pixels)")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--folds", type=int, default=21, help="augmentation folds N~")
@@ -168,6 +173,9 @@ def make_step(method: str, model: nn.Module, opt: torch.optim.Optimizer,
         opt.zero_grad(set_to_none=True)
         if method == "moment":
             loss = moment_regularized_loss(model, x, y, args.sigma, args.alpha)[0]
+        elif method == "moment_network":
+            loss = moment_regularized_loss(model, x, y, args.sigma, args.alpha,
+                                           moments="network")[0]
         elif method == "moment_naive":
             real = regularizer.relu_mean
             regularizer.relu_mean = naive_relu_mean
@@ -204,8 +212,11 @@ def time_steps(args: argparse.Namespace, train: ImageSet, device: torch.device):
     """Step and batch-forming times per batch size and method; load averages per round.
 
     A round runs one step of every method at every batch size, so all of them see the
-    same load; round ``r`` starts with method ``r mod k`` (of ``k``), so that no method
-    always follows the same one. The first ``args.warmup`` rounds are not kept.
+    same load; each round runs the methods in a fresh random order (seeded by ``--seed``
+    and the round), so that no method always follows the same one: a rotation of one
+    cyclic order would not do that (each method would follow its cyclic predecessor in
+    every round, and a step after a memory-hungry one finds the caches cold). The first
+    ``args.warmup`` rounds are not kept.
     Returns ``(step_times, forming_times, load)``: ``{batch: {method: [seconds]}}``
     twice and the 1/5/15-minute load averages before every round and after the last.
     """
@@ -218,7 +229,8 @@ def time_steps(args: argparse.Namespace, train: ImageSet, device: torch.device):
         load.append(list(os.getloadavg()))
         for bs in steps:
             methods = list(steps[bs])
-            for method in methods[r % len(methods):] + methods[:r % len(methods)]:
+            random.Random(args.seed * 100_003 + r).shuffle(methods)
+            for method in methods:
                 sync(device)
                 t0 = time.perf_counter()
                 formed = steps[bs][method]()

@@ -16,6 +16,10 @@ run), PNG figures, ``summary.json`` and ``report.md``. The package has one modul
 * :mod:`~experiments.report.figures`: the PNG figures;
 * :mod:`~experiments.report.mdtable`: markdown tables and run names;
 * :mod:`~experiments.report.smoothing`: the certified-robustness section of the report;
+* :mod:`~experiments.report.stepcost`: compute to convergence in plain-step equivalents
+  from the training-step benchmark, and equal-compute pairs;
+* :mod:`~experiments.report.seeds`: the seed-to-seed spread of runs repeated with other
+  training seeds;
 * :mod:`~experiments.report.markdown`: :func:`write_report`;
 * :mod:`~experiments.report.cli`: the ``report`` command (:func:`register`).
 """

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from experiments.cli import add_runtime_args
 from experiments.report.markdown import write_report
+from experiments.report.stepcost import read_step_costs
 
 __all__ = ["register"]
 
@@ -47,6 +48,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         n_boot=args.bootstrap,
         level=args.level,
         seed=args.seed,
+        step_costs=None if args.step_costs is None else read_step_costs(args.step_costs),
     )
     print(f"wrote {path}")
     return 0
@@ -74,5 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--level", type=float, default=0.95, help="confidence level")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--step-costs",
+        default=None,
+        metavar="FILE",
+        help="JSON of benchmarks/bench_train_step.py: adds each run's compute to "
+        "convergence in plain-step equivalents and equal-compute pairs",
+    )
     add_runtime_args(p, device=False, data_root=False)
     p.set_defaults(func=_cmd_report)

@@ -1,20 +1,25 @@
 """``report.md``, ``results.csv`` and ``summary.json`` of a results directory.
 
 :func:`write_report` loads the runs (:mod:`~experiments.report.records`), groups them by
-setting and writes, per setting: the run table and Figure 3, the fair comparison (Figures 4
-and 5, :func:`~experiments.report.compare.fair_comparison`) with paired intervals, every run
-against the baseline, the certified robustness of the runs that hold randomized-smoothing
-certificates (:func:`~experiments.report.smoothing.certified_section`) and the training
-cost; per setting without the epoch cap: robustness against compute and the declared
-matched-compute pairs; at the end the runs left out (failed, diverged or invalid results)
-with the reason. Runs whose predictions are flagged
-as (nearly) constant are marked wherever they appear and never chosen as a method's best.
+setting and writes, per setting: the run table and Figure 3, the fair comparison (Figures
+4 and 5, :func:`~experiments.report.compare.fair_comparison`) with paired intervals, every
+run against the baseline, the certified robustness of the runs that hold
+randomized-smoothing certificates (:func:`~experiments.report.smoothing.certified_section`)
+and the training cost (with step costs: the compute to convergence,
+:func:`~experiments.report.stepcost.convergence_section`); per setting without the seed:
+the seed-to-seed spread of runs repeated with other training seeds
+(:func:`~experiments.report.seeds.seeds_section`); per setting without the epoch cap:
+robustness against compute and the declared matched-compute pairs; at the end the runs
+left out (failed, diverged or invalid results) with the reason. Runs whose predictions are
+flagged as (nearly) constant are marked wherever they appear and never chosen as a
+method's best.
 
 ``summary.json`` holds ``settings`` (the fair comparison per setting), ``certified`` (per
 setting with certificates: each run's recomputed certificate summary per certification
-sigma, the figure files and the paired ACR comparisons) and ``left_out``. It is strict
-JSON: a number that is not finite (a factor with no qualifying run, a ratio interval with
-R = 0) is written as ``null``.
+sigma, the figure files and the paired ACR comparisons), ``seeds`` (per setting with
+repeated runs: spread, bars against each baseline seed, Welch intervals) and ``left_out``.
+It is strict JSON: a number that is not finite (a factor with no qualifying run, a ratio
+interval with R = 0) is written as ``null``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from experiments.report.compare import (
     matched_pairs,
     noise_references,
     read_matched,
+    setting_key,
 )
 from experiments.report.figures import (
     figure_slug,
@@ -51,6 +57,7 @@ from experiments.report.records import (
     results_table,
     write_csv,
 )
+from experiments.report.seeds import seeds_section
 from experiments.report.smoothing import certified_section
 from experiments.report.stats import (
     BOOTSTRAP_METHOD,
@@ -59,6 +66,7 @@ from experiments.report.stats import (
     finite_or_none,
     intervals_json,
 )
+from experiments.report.stepcost import convergence_section
 
 __all__ = ["write_report"]
 
@@ -231,7 +239,12 @@ def _cost_section(recs: Sequence[RunRecord]) -> list[str]:
 
 
 def _setting_section(
-    setting: dict[str, Any], recs: Sequence[RunRecord], out: Path, tolerance: float, boot: dict
+    setting: dict[str, Any],
+    recs: Sequence[RunRecord],
+    out: Path,
+    tolerance: float,
+    boot: dict,
+    costs: Mapping[int, Mapping[str, float]] | None = None,
 ) -> tuple[list[str], dict[str, Any] | None, dict[str, Any] | None]:
     """Markdown of one setting, its fair-comparison and its certified ``summary.json`` entries."""
     title = (
@@ -248,7 +261,8 @@ def _setting_section(
     fc = fair_comparison(recs, tolerance=tolerance, **boot)
     fair_md, summary = _fair_section(fc, recs, out, title, boot)
     cert_md, certified = certified_section(setting, recs, fc, out, title, boot)
-    return md + fair_md + cert_md + _cost_section(recs), summary, certified
+    md += fair_md + cert_md + _cost_section(recs) + convergence_section(recs, costs, boot)
+    return md, summary, certified
 
 
 def _matched_section(
@@ -312,12 +326,15 @@ def write_report(
     n_boot: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    step_costs: Mapping[int, Mapping[str, float]] | None = None,
 ) -> Path:
     """Write ``results.csv``, the figures, ``summary.json`` and ``report.md`` for every run
     below ``results_dir`` into ``out_dir`` (default ``RESULTS_DIR/report``).
 
     ``tolerances`` override :data:`~experiments.report.compare.DEFAULT_TOLERANCE` per data
-    set; ``n_boot``, ``level`` and ``seed`` are those of every paired bootstrap.
+    set; ``n_boot``, ``level`` and ``seed`` are those of every paired bootstrap;
+    ``step_costs`` (:func:`~experiments.report.stepcost.read_step_costs`) add each
+    setting's compute to convergence.
 
     Returns the path of ``report.md``.
 
@@ -360,13 +377,25 @@ def write_report(
     for key, recs in group_by_setting(records).items():
         setting = dict(key)
         section, entry, certified = _setting_section(
-            setting, recs, out, tol.get(str(setting["dataset"]), 0.0), boot
+            setting, recs, out, tol.get(str(setting["dataset"]), 0.0), boot, step_costs
         )
         md += section
         if entry is not None:
             summary["settings"].append(entry)
         if certified is not None:
             summary["certified"].append(certified)
+    summary["seeds"] = []
+    by_setting: dict[tuple, list[RunRecord]] = {}
+    for r in records:  # settings up to the seed
+        by_setting.setdefault(setting_key({**r.config, "seed": None}), []).append(r)
+    for key, recs in by_setting.items():
+        setting = dict(key)
+        seed_md, seed_entry = seeds_section(
+            setting, recs, tol.get(str(setting["dataset"]), 0.0), level
+        )
+        md += seed_md
+        if seed_entry is not None:
+            summary["seeds"].append(seed_entry)
     declared = read_matched(root)
     for key, recs in group_by_setting(records, with_epochs=False).items():
         setting = dict(key)

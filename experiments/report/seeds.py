@@ -1,0 +1,262 @@
+"""Seed-to-seed spread: the same run trained with several training seeds.
+
+The paired bootstrap intervals of the rest of the report cover the sampling of test images
+only. Training with another seed (another initialization, validation split, batch order and
+noise) moves a converged model's accuracy too, and on MNIST by about as much as the paper's
+accuracy bar (tolerance 0) asks of a method. When a grid repeats runs with several seeds,
+this section puts that variation on the record:
+
+* :func:`seed_groups`: the runs that differ only in ``seed``, with the mean, sample
+  standard deviation and range of their accuracy and robustness R;
+* :func:`bars_against_seeds`: for every run compared with the baseline, the baseline seeds
+  whose fair-comparison bar it clears (the bar and the rule are
+  :func:`~experiments.report.compare.fair_choice`'s, applied once per baseline seed);
+* :func:`welch_differences`: the difference of each repeated run's mean accuracy and mean R
+  from the baseline's, with Welch's t interval over seeds
+  (``scipy.stats.ttest_ind(equal_var=False)``); with two or three seeds a side these
+  intervals are wide, and they are shown as they come out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from scipy import stats
+
+from experiments.report.compare import fair_choice, setting_key
+from experiments.report.mdtable import md_table
+from experiments.report.records import RunRecord, method_order
+from experiments.report.stats import finite_or_none
+
+__all__ = [
+    "SeedGroup",
+    "bars_against_seeds",
+    "seed_groups",
+    "seeds_section",
+    "welch_differences",
+]
+
+
+@dataclass(frozen=True)
+class SeedGroup:
+    """Runs whose configurations are equal except for ``seed``, sorted by seed."""
+
+    records: tuple[RunRecord, ...]
+
+    @property
+    def label(self) -> str:
+        return self.records[0].label()
+
+    @property
+    def method(self) -> str:
+        return self.records[0].method
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(r.config.get("seed", 0)) for r in self.records]
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [r.accuracy for r in self.records]
+
+    @property
+    def robustness(self) -> list[float]:
+        return [r.robustness for r in self.records]
+
+    def summary(self) -> dict[str, Any]:
+        """Seeds, per-seed values, mean, sample sd (``None`` for one seed), min and max."""
+        out: dict[str, Any] = {"label": self.label, "seeds": self.seeds}
+        for name, vals in (("accuracy", self.accuracies), ("robustness", self.robustness)):
+            out[name] = {
+                "values": vals,
+                "mean": statistics.fmean(vals),
+                "sd": statistics.stdev(vals) if len(vals) > 1 else None,
+                "min": min(vals),
+                "max": max(vals),
+            }
+        return out
+
+
+def _identity(config: dict[str, Any]) -> str:
+    """A run's configuration without its seed (the key of its seed group)."""
+    return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
+
+
+def seed_groups(records: Iterable[RunRecord]) -> list[SeedGroup]:
+    """Every group of at least two runs that differ only in ``seed`` (by method, then label).
+
+    Raises:
+        ValueError: two runs of one group have the same seed (the same run found twice).
+    """
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault(_identity(r.config), []).append(r)
+    out = []
+    for recs in groups.values():
+        if len(recs) < 2:
+            continue
+        recs = sorted(recs, key=lambda r: int(r.config.get("seed", 0)))
+        seeds = [int(r.config.get("seed", 0)) for r in recs]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(
+                f"seed_groups: runs {[r.run_id for r in recs]} ({recs[0].label()}) repeat a "
+                f"seed: {seeds}; each run folder should appear once"
+            )
+        out.append(SeedGroup(tuple(recs)))
+    return sorted(out, key=lambda g: (method_order(g.method), g.label))
+
+
+def _baselines(records: Iterable[RunRecord]) -> list[RunRecord]:
+    return sorted(
+        (r for r in records if r.method == "baseline" and not r.degenerate),
+        key=lambda r: (int(r.config.get("seed", 0)), r.run_id),
+    )
+
+
+def bars_against_seeds(
+    records: Sequence[RunRecord], tolerance: float
+) -> list[tuple[RunRecord, list[int]]]:
+    """For every non-baseline run: the seeds of the baseline runs whose bar it clears.
+
+    ``records`` are the runs of one setting but the seed. Each baseline run (not flagged)
+    is taken as the fair comparison's baseline in turn, and the run is tested with
+    :meth:`~experiments.report.compare.FairComparison.qualifies` (bar and flag). Empty
+    when there are fewer than two baseline seeds.
+    """
+    baselines = _baselines(records)
+    if len(baselines) < 2:
+        return []
+    out = []
+    others = [r for r in records if r.method != "baseline"]
+    for r in sorted(others, key=lambda r: (method_order(r.method), r.label(), r.run_id)):
+        cleared = []
+        for b in baselines:
+            fc = fair_choice([b, r], tolerance)
+            if fc is not None and fc.qualifies(r):
+                cleared.append(int(b.config.get("seed", 0)))
+        out.append((r, cleared))
+    return out
+
+
+def _welch(a: Sequence[float], b: Sequence[float], level: float) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its Welch t interval; nan bounds when it is undefined
+    (fewer than two values a side, or no spread on either side)."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2 or (statistics.stdev(a) == 0 and statistics.stdev(b) == 0):
+        return diff, math.nan, math.nan
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence_level=level)
+    return diff, float(ci.low), float(ci.high)
+
+
+def welch_differences(
+    groups: Sequence[SeedGroup], *, level: float = 0.95
+) -> list[tuple[SeedGroup, SeedGroup, dict[str, tuple[float, float, float]]]]:
+    """``(group, baseline group, {"accuracy": (diff, low, high), "robustness": ...})`` for
+    every repeated non-baseline group of the same setting as a repeated baseline group."""
+    baselines = {
+        setting_key({**g.records[0].config, "seed": None}): g
+        for g in groups
+        if g.method == "baseline"
+    }
+    out = []
+    for g in groups:
+        base = baselines.get(setting_key({**g.records[0].config, "seed": None}))
+        if g.method == "baseline" or base is None:
+            continue
+        out.append((g, base, {
+            "accuracy": _welch(g.accuracies, base.accuracies, level),
+            "robustness": _welch(g.robustness, base.robustness, level),
+        }))
+    return out
+
+
+def _values(vals: Sequence[float]) -> str:
+    return ", ".join(f"{v:.4f}" for v in vals)
+
+
+def _mean_sd(vals: Sequence[float]) -> str:
+    sd = statistics.stdev(vals) if len(vals) > 1 else math.nan
+    return f"{statistics.fmean(vals):.4f} ± {sd:.4f}"
+
+
+def _interval(t: tuple[float, float, float]) -> str:
+    diff, low, high = t
+    return f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]"
+
+
+def seeds_section(
+    setting: dict[str, Any], records: Sequence[RunRecord], tolerance: float, level: float
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Markdown and ``summary.json`` entry of the seed spread of one setting (all seeds);
+    nothing when no run of the setting was repeated with another seed."""
+    groups = seed_groups(records)
+    if not groups:
+        return [], None
+    title = f"{setting['model']} on {setting['dataset']}"
+    md = [
+        f"## Seed-to-seed spread: {title} (epochs {setting['epochs']})",
+        "",
+        "Runs repeated with other training seeds, everything else equal. The intervals in "
+        "the rest of this report cover the sampling of test images only; this is the "
+        "variation of training itself (initialization, validation split, batch order, "
+        "noise). sd is the sample standard deviation over seeds.",
+        "",
+    ]
+    rows = (
+        [g.label, ", ".join(map(str, g.seeds)), _values(g.accuracies), _mean_sd(g.accuracies),
+         _values(g.robustness), _mean_sd(g.robustness)]
+        for g in groups
+    )
+    md += [md_table(("run", "seeds", "accuracy", "mean ± sd", "R", "mean ± sd"), rows), ""]
+    bars = bars_against_seeds(records, tolerance)
+    if bars:
+        base_seeds = [int(b.config.get("seed", 0)) for b in _baselines(records)]
+        md += [
+            f"Every run against the fair comparison's bar (tolerance {100 * tolerance:g} "
+            f"points) of each baseline seed ({', '.join(map(str, base_seeds))}):",
+            "",
+        ]
+        rows = (
+            [r.label(), r.config.get("seed", 0), f"{r.accuracy:.4f}", f"{r.robustness:.4f}",
+             f"{len(c)} of {len(base_seeds)}" + (f" ({', '.join(map(str, c))})" if c else "")]
+            for r, c in bars
+        )
+        header = ("run", "seed", "accuracy", "R", "clears the bar of baseline seeds")
+        md += [md_table(header, rows), ""]
+    diffs = welch_differences(groups, level=level)
+    if diffs:
+        md += [
+            f"Mean over seeds minus the baseline's mean, with Welch's t {int(100 * level)}% "
+            "interval over seeds:",
+            "",
+        ]
+        rows = (
+            [g.label, len(g.seeds), len(b.seeds), _interval(d["accuracy"]),
+             _interval(d["robustness"])]
+            for g, b, d in diffs
+        )
+        header = ("run", "seeds", "baseline seeds", "Δ accuracy", "Δ R")
+        md += [md_table(header, rows), ""]
+    entry = {
+        "setting": {k: v for k, v in setting.items() if k != "seed"},
+        "groups": [g.summary() for g in groups],
+        "bars": [
+            {"run_id": r.run_id, "label": r.label(), "seed": r.config.get("seed", 0),
+             "baseline_seeds_cleared": c}
+            for r, c in bars
+        ],
+        "welch": [
+            {"label": g.label, "baseline": b.label, "level": level}
+            | {
+                k: dict(zip(("diff", "low", "high"), map(finite_or_none, v), strict=True))
+                for k, v in d.items()
+            }
+            for g, b, d in diffs
+        ],
+    }
+    return md, entry

@@ -1,0 +1,122 @@
+"""Tests of experiments.report.seeds: groups of runs repeated with other training seeds,
+the bar of each baseline seed, Welch intervals over seeds, and the report section."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from experiments.report import write_report
+from experiments.report.seeds import bars_against_seeds, seed_groups, welch_differences
+from tests.experiments.report_runs import EPS, N, cfg, record, write_run
+
+
+def rec(run_id: str, method: str, acc: float, r: float, seed: int, **kw: object):
+    """A hand-built record with a seed (and optional flag)."""
+    out = record(run_id, method, acc, r, **kw)
+    out.config["seed"] = seed
+    return out
+
+
+def test_groups_hold_runs_that_differ_only_in_the_seed() -> None:
+    runs = [
+        rec("b0", "baseline", 0.90, 0.50, 0),
+        rec("b2", "baseline", 0.92, 0.56, 2),
+        rec("b1", "baseline", 0.91, 0.53, 1),
+        rec("m0", "moment", 0.89, 0.70, 0),
+        rec("a0", "augment", 0.90, 0.80, 0),
+        rec("a1", "augment", 0.88, 0.84, 1),
+    ]
+    runs[4].config["sigma"] = 0.25  # another configuration: a different group than a1
+    groups = seed_groups(runs)
+    assert [g.label for g in groups] == ["baseline"]  # a0 and a1 differ in sigma
+    (g,) = groups
+    assert g.seeds == [0, 1, 2] and [r.run_id for r in g.records] == ["b0", "b1", "b2"]
+    s = g.summary()
+    assert abs(s["accuracy"]["mean"] - 0.91) <= 4 * EPS
+    assert abs(s["accuracy"]["sd"] - 0.01) <= 1e-12  # sqrt(((-.01)^2 + 0 + .01^2) / 2)
+    assert s["robustness"]["min"] == 0.50 and s["robustness"]["max"] == 0.56
+    runs[4].config["sigma"] = 0.5
+    assert [g.label for g in seed_groups(runs)] == ["baseline", "augment N~=2 sigma=0.5"]
+
+
+def test_a_seed_found_twice_is_an_error() -> None:
+    runs = [rec("b0", "baseline", 0.9, 0.5, 0), rec("b0-copy", "baseline", 0.9, 0.5, 0)]
+    with pytest.raises(ValueError, match="seed_groups: .*repeat a seed"):
+        seed_groups(runs)
+
+
+def test_each_baseline_seed_sets_its_own_bar() -> None:
+    runs = [
+        rec("b0", "baseline", 0.900, 0.5, 0),
+        rec("b1", "baseline", 0.905, 0.5, 1),
+        rec("b2", "baseline", 0.895, 0.5, 2),
+        rec("m", "moment", 0.900, 0.7, 0),  # on the bar of seed 0, above seed 2's
+        rec("flat", "moment", 0.990, 1.0, 0, flagged=True),  # flagged: never qualifies
+        rec("a", "augment", 0.8951, 0.8, 0),
+    ]
+    bars = {r.run_id: seeds for r, seeds in bars_against_seeds(runs, 0.0)}
+    assert bars == {"m": [0, 2], "flat": [], "a": [2]}
+    # a tolerance lowers every bar alike
+    assert {r.run_id: s for r, s in bars_against_seeds(runs, 0.01)}["a"] == [0, 1, 2]
+    # one baseline seed: nothing to say beyond the fair comparison itself
+    assert bars_against_seeds(runs[:1] + runs[3:], 0.0) == []
+
+
+def test_welch_interval_against_the_formula() -> None:
+    """Independent reference: Welch's interval written out with the Welch-Satterthwaite
+    degrees of freedom and scipy.stats.t quantiles."""
+    base = [0.9905, 0.9890, 0.9912]
+    mom = [0.9904, 0.9880, 0.9897]
+    runs = [rec(f"b{s}", "baseline", a, 0.8, s) for s, a in enumerate(base)]
+    runs += [rec(f"m{s}", "moment", a, 0.97, s) for s, a in enumerate(mom)]
+    ((g, b, d),) = welch_differences(seed_groups(runs), level=0.9)
+    assert g.label == "moment alpha=1 sigma=0.5" and b.label == "baseline"
+    va, vb = statistics.variance(mom) / 3, statistics.variance(base) / 3
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / 2)
+    half = stats.t.ppf(0.95, df) * math.sqrt(va + vb)
+    diff = statistics.fmean(mom) - statistics.fmean(base)
+    assert d["accuracy"][0] == pytest.approx(diff, abs=1e-15)
+    assert d["accuracy"][1] == pytest.approx(diff - half, rel=1e-9)
+    assert d["accuracy"][2] == pytest.approx(diff + half, rel=1e-9)
+    # no spread on either side: the interval is undefined, the difference is not
+    diff_r, low, high = d["robustness"]
+    assert diff_r == pytest.approx(0.97 - 0.8) and math.isnan(low) and math.isnan(high)
+
+
+def test_a_single_seed_group_has_no_interval() -> None:
+    runs = [rec("b0", "baseline", 0.9, 0.5, 0), rec("b1", "baseline", 0.91, 0.5, 1)]
+    runs += [rec("m0", "moment", 0.9, 0.7, 0)]
+    assert welch_differences(seed_groups(runs)) == []  # m0 has no repeat: no group
+
+
+def test_the_report_section_on_run_folders(tmp_path: Path) -> None:
+    # baseline at seeds 0, 1, 2 with 360, 364, 356 correct of N; moment at seeds 0, 1
+    for seed, n_correct in ((0, 360), (1, 364), (2, 356)):
+        write_run(tmp_path, cfg("baseline", seed=seed), n_correct, [400, 380, 340, 300, 260])
+    for seed, n_correct in ((0, 360), (1, 358)):
+        config = cfg("moment", alpha=1.0, sigma=0.5, seed=seed)
+        write_run(tmp_path, config, n_correct, [400, 398, 396, 394, 392])
+    text = write_report(tmp_path, tmp_path / "out", n_boot=100).read_text()
+    assert "## Seed-to-seed spread: lenet on mnist (epochs 3)" in text
+    assert f"| baseline | 0, 1, 2 | {360 / N:.4f}, {364 / N:.4f}, {356 / N:.4f} |" in text
+    # moment seed 0 (360) clears the bars of seeds 0 (360) and 2 (356), seed 1 (358) only 2's
+    assert "| moment alpha=1 sigma=0.5 | 0 | 0.9000 | " in text
+    assert "| 2 of 3 (0, 2) |" in text and "| 1 of 3 (2) |" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    (entry,) = summary["seeds"]
+    assert [g["seeds"] for g in entry["groups"]] == [[0, 1, 2], [0, 1]]
+    welch = entry["welch"][0]["accuracy"]
+    assert welch["diff"] == pytest.approx((360 + 358) / 2 / N - 360 / N)
+    assert welch["low"] < welch["diff"] < welch["high"]
+    # without repeated runs there is no such section
+    other = tmp_path / "single"
+    write_run(other, cfg("baseline"), 360, [400, 380, 340, 300, 260])
+    text = write_report(other, other / "out", n_boot=100).read_text()
+    assert "Seed-to-seed" not in text
+    assert json.loads((other / "out" / "summary.json").read_text())["seeds"] == []
