@@ -12,7 +12,8 @@ this section puts that variation on the record:
   whose fair-comparison bar it clears (the bar and the rule are
   :func:`~experiments.report.compare.fair_choice`'s, applied once per baseline seed);
 * :func:`welch_differences`: the difference of each repeated run's mean accuracy and mean R
-  from the baseline's, with Welch's t interval over seeds
+  from the baseline's, and of each repeated regularizer run's from each repeated
+  noise-training run's, with Welch's t interval over seeds
   (``scipy.stats.ttest_ind(equal_var=False)``); with two or three seeds a side these
   intervals are wide, and they are shown as they come out.
 """
@@ -156,23 +157,30 @@ def _welch(a: Sequence[float], b: Sequence[float], level: float) -> tuple[float,
 def welch_differences(
     groups: Sequence[SeedGroup], *, level: float = 0.95
 ) -> list[tuple[SeedGroup, SeedGroup, dict[str, tuple[float, float, float]]]]:
-    """``(group, baseline group, {"accuracy": (diff, low, high), "robustness": ...})`` for
-    every repeated non-baseline group of the same setting as a repeated baseline group."""
-    baselines = {
-        setting_key({**g.records[0].config, "seed": None}): g
-        for g in groups
-        if g.method == "baseline"
-    }
-    out = []
-    for g in groups:
-        base = baselines.get(setting_key({**g.records[0].config, "seed": None}))
-        if g.method == "baseline" or base is None:
-            continue
-        out.append((g, base, {
-            "accuracy": _welch(g.accuracies, base.accuracies, level),
-            "robustness": _welch(g.robustness, base.robustness, level),
-        }))
-    return out
+    """``(group, reference group, {"accuracy": (diff, low, high), "robustness": ...})``:
+    every repeated non-baseline group against the repeated baseline group of its setting,
+    then every repeated regularizer group against every repeated augmentation and Gaussian
+    noise-training group of its setting (``diff`` is the group's mean minus the
+    reference's)."""
+
+    def key(g: SeedGroup) -> tuple:
+        return setting_key({**g.records[0].config, "seed": None})
+
+    pairs = [
+        (g, b) for g in groups for b in groups
+        if b.method == "baseline" and g.method != "baseline" and key(g) == key(b)
+    ]
+    pairs += [
+        (g, b) for g in groups for b in groups
+        if g.method == "moment" and b.method in ("augment", "gaussian") and key(g) == key(b)
+    ]
+    return [
+        (g, b, {
+            "accuracy": _welch(g.accuracies, b.accuracies, level),
+            "robustness": _welch(g.robustness, b.robustness, level),
+        })
+        for g, b in pairs
+    ]
 
 
 def _values(vals: Sequence[float]) -> str:
@@ -231,16 +239,16 @@ def seeds_section(
     diffs = welch_differences(groups, level=level)
     if diffs:
         md += [
-            f"Mean over seeds minus the baseline's mean, with Welch's t {int(100 * level)}% "
+            f"Mean over seeds minus the reference's mean, with Welch's t {int(100 * level)}% "
             "interval over seeds:",
             "",
         ]
         rows = (
-            [g.label, len(g.seeds), len(b.seeds), _interval(d["accuracy"]),
+            [g.label, b.label, f"{len(g.seeds)} / {len(b.seeds)}", _interval(d["accuracy"]),
              _interval(d["robustness"])]
             for g, b, d in diffs
         )
-        header = ("run", "seeds", "baseline seeds", "Δ accuracy", "Δ R")
+        header = ("run", "reference", "seeds run / ref.", "Δ accuracy", "Δ R")
         md += [md_table(header, rows), ""]
     entry = {
         "setting": {k: v for k, v in setting.items() if k != "seed"},
@@ -251,7 +259,7 @@ def seeds_section(
             for r, c in bars
         ],
         "welch": [
-            {"label": g.label, "baseline": b.label, "level": level}
+            {"label": g.label, "reference": b.label, "level": level}
             | {
                 k: dict(zip(("diff", "low", "high"), map(finite_or_none, v), strict=True))
                 for k, v in d.items()

@@ -89,6 +89,21 @@ def test_welch_interval_against_the_formula() -> None:
     assert diff_r == pytest.approx(0.97 - 0.8) and math.isnan(low) and math.isnan(high)
 
 
+def test_regularizer_groups_are_also_set_against_noise_training_groups() -> None:
+    runs = [rec(f"b{s}", "baseline", 0.90 + s / 1000, 0.5 + s / 100, s) for s in range(3)]
+    runs += [rec(f"m{s}", "moment", 0.90 - s / 1000, 0.7 + s / 100, s) for s in range(3)]
+    runs += [rec(f"a{s}", "augment", 0.91 + s / 1000, 0.8 - s / 100, s) for s in range(2)]
+    got = [(g.method, b.method, d) for g, b, d in welch_differences(seed_groups(runs))]
+    assert [(g, b) for g, b, _ in got] == [
+        ("moment", "baseline"), ("augment", "baseline"), ("moment", "augment")]
+    d = got[2][2]
+    assert d["accuracy"][0] == pytest.approx(0.899 - 0.9105)  # means 0.899 and 0.9105
+    assert d["robustness"][0] == pytest.approx(0.71 - 0.795)
+    ref = stats.ttest_ind([0.90, 0.899, 0.898], [0.91, 0.911], equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert (d["accuracy"][1], d["accuracy"][2]) == pytest.approx((ci.low, ci.high))
+
+
 def test_a_single_seed_group_has_no_interval() -> None:
     runs = [rec("b0", "baseline", 0.9, 0.5, 0), rec("b1", "baseline", 0.91, 0.5, 1)]
     runs += [rec("m0", "moment", 0.9, 0.7, 0)]
