@@ -134,7 +134,10 @@ def bars_against_seeds(
         return []
     out = []
     others = [r for r in records if r.method != "baseline"]
-    for r in sorted(others, key=lambda r: (method_order(r.method), r.label(), r.run_id)):
+    def order(r: RunRecord) -> tuple:
+        return (method_order(r.method), r.label(), int(r.config.get("seed", 0)), r.run_id)
+
+    for r in sorted(others, key=order):
         cleared = []
         for b in baselines:
             fc = fair_choice([b, r], tolerance)
