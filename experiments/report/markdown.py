@@ -41,7 +41,6 @@ from experiments.report.compare import (
     matched_pairs,
     noise_references,
     read_matched,
-    setting_key,
 )
 from experiments.report.figures import (
     figure_slug,
@@ -57,7 +56,7 @@ from experiments.report.records import (
     results_table,
     write_csv,
 )
-from experiments.report.seeds import seeds_section
+from experiments.report.seeds import seeds_section, setting_without_seed
 from experiments.report.smoothing import certified_section
 from experiments.report.stats import (
     BOOTSTRAP_METHOD,
@@ -387,7 +386,7 @@ def write_report(
     summary["seeds"] = []
     by_setting: dict[tuple, list[RunRecord]] = {}
     for r in records:  # settings up to the seed
-        by_setting.setdefault(setting_key({**r.config, "seed": None}), []).append(r)
+        by_setting.setdefault(setting_without_seed(r.config), []).append(r)
     for key, recs in by_setting.items():
         setting = dict(key)
         seed_md, seed_entry = seeds_section(

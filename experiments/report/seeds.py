@@ -39,6 +39,7 @@ __all__ = [
     "bars_against_seeds",
     "seed_groups",
     "seeds_section",
+    "setting_without_seed",
     "welch_differences",
 ]
 
@@ -59,7 +60,7 @@ class SeedGroup:
 
     @property
     def seeds(self) -> list[int]:
-        return [int(r.config.get("seed", 0)) for r in self.records]
+        return [_seed(r) for r in self.records]
 
     @property
     def accuracies(self) -> list[float]:
@@ -83,6 +84,16 @@ class SeedGroup:
         return out
 
 
+def _seed(r: RunRecord) -> int:
+    return int(r.config.get("seed", 0))
+
+
+def setting_without_seed(config: dict[str, Any]) -> tuple:
+    """:func:`~experiments.report.compare.setting_key` with the seed left out: the runs
+    whose seed spread is shown together."""
+    return setting_key({**config, "seed": None})
+
+
 def _identity(config: dict[str, Any]) -> str:
     """A run's configuration without its seed (the key of its seed group)."""
     return json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
@@ -101,8 +112,8 @@ def seed_groups(records: Iterable[RunRecord]) -> list[SeedGroup]:
     for recs in groups.values():
         if len(recs) < 2:
             continue
-        recs = sorted(recs, key=lambda r: int(r.config.get("seed", 0)))
-        seeds = [int(r.config.get("seed", 0)) for r in recs]
+        recs = sorted(recs, key=_seed)
+        seeds = [_seed(r) for r in recs]
         if len(set(seeds)) != len(seeds):
             raise ValueError(
                 f"seed_groups: runs {[r.run_id for r in recs]} ({recs[0].label()}) repeat a "
@@ -115,7 +126,7 @@ def seed_groups(records: Iterable[RunRecord]) -> list[SeedGroup]:
 def _baselines(records: Iterable[RunRecord]) -> list[RunRecord]:
     return sorted(
         (r for r in records if r.method == "baseline" and not r.degenerate),
-        key=lambda r: (int(r.config.get("seed", 0)), r.run_id),
+        key=lambda r: (_seed(r), r.run_id),
     )
 
 
@@ -134,15 +145,16 @@ def bars_against_seeds(
         return []
     out = []
     others = [r for r in records if r.method != "baseline"]
+
     def order(r: RunRecord) -> tuple:
-        return (method_order(r.method), r.label(), int(r.config.get("seed", 0)), r.run_id)
+        return (method_order(r.method), r.label(), _seed(r), r.run_id)
 
     for r in sorted(others, key=order):
         cleared = []
         for b in baselines:
             fc = fair_choice([b, r], tolerance)
             if fc is not None and fc.qualifies(r):
-                cleared.append(int(b.config.get("seed", 0)))
+                cleared.append(_seed(b))
         out.append((r, cleared))
     return out
 
@@ -167,7 +179,7 @@ def welch_differences(
     reference's)."""
 
     def key(g: SeedGroup) -> tuple:
-        return setting_key({**g.records[0].config, "seed": None})
+        return setting_without_seed(g.records[0].config)
 
     pairs = [
         (g, b) for g in groups for b in groups
@@ -226,14 +238,14 @@ def seeds_section(
     md += [md_table(("run", "seeds", "accuracy", "mean ± sd", "R", "mean ± sd"), rows), ""]
     bars = bars_against_seeds(records, tolerance)
     if bars:
-        base_seeds = [int(b.config.get("seed", 0)) for b in _baselines(records)]
+        base_seeds = [_seed(b) for b in _baselines(records)]
         md += [
             f"Every run against the fair comparison's bar (tolerance {100 * tolerance:g} "
             f"points) of each baseline seed ({', '.join(map(str, base_seeds))}):",
             "",
         ]
         rows = (
-            [r.label(), r.config.get("seed", 0), f"{r.accuracy:.4f}", f"{r.robustness:.4f}",
+            [r.label(), _seed(r), f"{r.accuracy:.4f}", f"{r.robustness:.4f}",
              f"{len(c)} of {len(base_seeds)}" + (f" ({', '.join(map(str, c))})" if c else "")]
             for r, c in bars
         )
@@ -257,7 +269,7 @@ def seeds_section(
         "setting": {k: v for k, v in setting.items() if k != "seed"},
         "groups": [g.summary() for g in groups],
         "bars": [
-            {"run_id": r.run_id, "label": r.label(), "seed": r.config.get("seed", 0),
+            {"run_id": r.run_id, "label": r.label(), "seed": _seed(r),
              "baseline_seeds_cleared": c}
             for r, c in bars
         ],
