@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +166,11 @@ def _welch(a: Sequence[float], b: Sequence[float], level: float) -> tuple[float,
     diff = statistics.fmean(a) - statistics.fmean(b)
     if len(a) < 2 or len(b) < 2 or (statistics.stdev(a) == 0 and statistics.stdev(b) == 0):
         return diff, math.nan, math.nan
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence_level=level)
+    with warnings.catch_warnings():
+        # one side without spread (e.g. equal accuracies at two seeds) is exact, and the
+        # interval is the other side's; SciPy warns of cancellation in that side's variance
+        warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence_level=level)
     return diff, float(ci.low), float(ci.high)
 
 

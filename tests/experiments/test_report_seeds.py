@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,18 @@ def test_regularizer_groups_are_also_set_against_noise_training_groups() -> None
     ref = stats.ttest_ind([0.90, 0.899, 0.898], [0.91, 0.911], equal_var=False)
     ci = ref.confidence_interval(0.95)
     assert (d["accuracy"][1], d["accuracy"][2]) == pytest.approx((ci.low, ci.high))
+
+
+def test_one_side_without_spread_has_the_other_sides_interval() -> None:
+    """Two seeds with equal accuracy: Welch's interval is the other side's t interval
+    (df = n - 1), with no warning from SciPy."""
+    runs = [rec(f"b{s}", "baseline", a, 0.5 + s / 100, s) for s, a in enumerate([0.90, 0.91])]
+    runs += [rec(f"a{s}", "augment", 0.92, 0.8 + s / 100, s) for s in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ((_, _, d),) = welch_differences(seed_groups(runs))
+    half = stats.t.ppf(0.975, 1) * statistics.stdev([0.90, 0.91]) / math.sqrt(2)
+    assert d["accuracy"] == pytest.approx((0.92 - 0.905, 0.015 - half, 0.015 + half))
 
 
 def test_a_single_seed_group_has_no_interval() -> None:
