@@ -2,7 +2,7 @@
 
 Ways to train the paper's LeNet on MNIST (``experiments.models.lenet``), each
 timed per mini-batch (forming the batch, forward, backward, Adam step) on the same
-model, interleaved round by round so that a busy machine slows all three alike:
+model, interleaved round by round so that a busy machine slows all of them alike:
 
 * ``plain``: ``CE(Phi(x), y)`` on clean batches;
 * ``moment``: ``CE(Phi(x), y) + alpha CE(Omega(mu3), y)``
@@ -27,7 +27,7 @@ machine around every round, and the peak memory of
 each method, measured in a fresh subprocess per method (peak RSS from
 ``resource.getrusage`` on the CPU, ``torch.cuda.max_memory_allocated`` on CUDA).
 ``--profile`` adds a profile of the regularized step. ``--naive-relu-mean`` adds a
-diagnostic fourth method, ``moment_naive``: the same regularized step with
+diagnostic method, ``moment_naive``: the same regularized step with
 :func:`momentkit.relu.relu_mean` swapped for a plain float32 formula with no guards
 (:func:`naive_relu_mean`), to show how much of the step's cost is the rectified
 Gaussian mean; it is not a method to train with.
