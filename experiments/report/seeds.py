@@ -15,7 +15,14 @@ this section puts that variation on the record:
   from the baseline's, and of each repeated regularizer run's from each repeated
   noise-training run's, with Welch's t interval over seeds
   (``scipy.stats.ttest_ind(equal_var=False)``); with two or three seeds a side these
-  intervals are wide, and they are shown as they come out.
+  intervals are wide, and they are shown as they come out;
+* :func:`paired_differences`: the same pairs of groups, paired by seed. A training seed
+  fixes the initialization and the validation split whatever the method, so the runs of
+  two methods at one seed start from the same network and see the same training images;
+  the mean over the seeds both groups have of the per-seed difference, with the paired
+  t interval (``scipy.stats.ttest_rel``). It removes what the seed does to both methods
+  alike (the seed-0 baseline of a grid may be a weak one), at the price of fewer
+  degrees of freedom (one less than the number of common seeds).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from experiments.report.stats import finite_or_none
 __all__ = [
     "SeedGroup",
     "bars_against_seeds",
+    "paired_differences",
     "seed_groups",
     "seeds_section",
     "setting_without_seed",
@@ -174,14 +182,10 @@ def _welch(a: Sequence[float], b: Sequence[float], level: float) -> tuple[float,
     return diff, float(ci.low), float(ci.high)
 
 
-def welch_differences(
-    groups: Sequence[SeedGroup], *, level: float = 0.95
-) -> list[tuple[SeedGroup, SeedGroup, dict[str, tuple[float, float, float]]]]:
-    """``(group, reference group, {"accuracy": (diff, low, high), "robustness": ...})``:
-    every repeated non-baseline group against the repeated baseline group of its setting,
-    then every repeated regularizer group against every repeated augmentation and Gaussian
-    noise-training group of its setting (``diff`` is the group's mean minus the
-    reference's)."""
+def _compared_groups(groups: Sequence[SeedGroup]) -> list[tuple[SeedGroup, SeedGroup]]:
+    """Every repeated non-baseline group with the repeated baseline group of its setting,
+    then every repeated regularizer group with every repeated augmentation and Gaussian
+    noise-training group of its setting."""
 
     def key(g: SeedGroup) -> tuple:
         return setting_without_seed(g.records[0].config)
@@ -194,13 +198,59 @@ def welch_differences(
         (g, b) for g in groups for b in groups
         if g.method == "moment" and b.method in ("augment", "gaussian") and key(g) == key(b)
     ]
+    return pairs
+
+
+def welch_differences(
+    groups: Sequence[SeedGroup], *, level: float = 0.95
+) -> list[tuple[SeedGroup, SeedGroup, dict[str, tuple[float, float, float]]]]:
+    """``(group, reference group, {"accuracy": (diff, low, high), "robustness": ...})``:
+    every repeated non-baseline group against the repeated baseline group of its setting,
+    then every repeated regularizer group against every repeated augmentation and Gaussian
+    noise-training group of its setting (``diff`` is the group's mean minus the
+    reference's)."""
     return [
         (g, b, {
             "accuracy": _welch(g.accuracies, b.accuracies, level),
             "robustness": _welch(g.robustness, b.robustness, level),
         })
-        for g, b in pairs
+        for g, b in _compared_groups(groups)
     ]
+
+
+def _paired(d: Sequence[float], level: float) -> tuple[float, float, float]:
+    """mean(d) and its t interval (df = len(d) - 1); nan bounds when it is undefined
+    (fewer than two differences, or all of them equal)."""
+    mean = statistics.fmean(d)
+    if len(d) < 2 or statistics.stdev(d) == 0:
+        return mean, math.nan, math.nan
+    ci = stats.ttest_1samp(d, 0.0).confidence_interval(confidence_level=level)
+    return mean, float(ci.low), float(ci.high)
+
+
+def paired_differences(
+    groups: Sequence[SeedGroup], *, level: float = 0.95
+) -> list[tuple[SeedGroup, SeedGroup, dict[str, Any]]]:
+    """``(group, reference group, {"seeds": [...], "accuracy": (mean, low, high),
+    "robustness": ...})`` for the pairs of :func:`welch_differences`, paired by seed: over
+    the seeds both groups have, the mean of (the group's value minus the reference's at the
+    same seed) with its paired t interval (the one-sample t interval of the differences,
+    which is ``scipy.stats.ttest_rel``'s). Pairs with fewer than two common seeds are left
+    out."""
+    out = []
+    for g, b in _compared_groups(groups):
+        ref = {_seed(r): r for r in b.records}
+        common = [r for r in g.records if _seed(r) in ref]
+        if len(common) < 2:
+            continue
+        acc = [r.accuracy - ref[_seed(r)].accuracy for r in common]
+        rob = [r.robustness - ref[_seed(r)].robustness for r in common]
+        out.append((g, b, {
+            "seeds": [_seed(r) for r in common],
+            "accuracy": _paired(acc, level),
+            "robustness": _paired(rob, level),
+        }))
+    return out
 
 
 def _values(vals: Sequence[float]) -> str:
@@ -270,6 +320,21 @@ def seeds_section(
         )
         header = ("run", "reference", "seeds run / ref.", "Δ accuracy", "Δ R")
         md += [md_table(header, rows), ""]
+    paired = paired_differences(groups, level=level)
+    if paired:
+        md += [
+            "Paired by seed (one seed gives every method the same initialization and "
+            "validation split): the mean over common seeds of the per-seed difference, with "
+            f"the paired t {int(100 * level)}% interval (df = common seeds - 1):",
+            "",
+        ]
+        rows = (
+            [g.label, b.label, ", ".join(map(str, d["seeds"])), _interval(d["accuracy"]),
+             _interval(d["robustness"])]
+            for g, b, d in paired
+        )
+        header = ("run", "reference", "common seeds", "Δ accuracy", "Δ R")
+        md += [md_table(header, rows), ""]
     entry = {
         "setting": {k: v for k, v in setting.items() if k != "seed"},
         "groups": [g.summary() for g in groups],
@@ -285,6 +350,14 @@ def seeds_section(
                 for k, v in d.items()
             }
             for g, b, d in diffs
+        ],
+        "paired": [
+            {"label": g.label, "reference": b.label, "level": level, "seeds": d["seeds"]}
+            | {
+                k: dict(zip(("diff", "low", "high"), map(finite_or_none, d[k]), strict=True))
+                for k in ("accuracy", "robustness")
+            }
+            for g, b, d in paired
         ],
     }
     return md, entry

@@ -1,5 +1,6 @@
 """Tests of experiments.report.seeds: groups of runs repeated with other training seeds,
-the bar of each baseline seed, Welch intervals over seeds, and the report section."""
+the bar of each baseline seed, Welch and paired-by-seed intervals over seeds, and the
+report section."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import pytest
 from scipy import stats
 
 from experiments.report import write_report
-from experiments.report.seeds import bars_against_seeds, seed_groups, welch_differences
+from experiments.report.seeds import (
+    bars_against_seeds,
+    paired_differences,
+    seed_groups,
+    welch_differences,
+)
 from tests.experiments.report_runs import EPS, N, cfg, record, write_run
 
 
@@ -117,6 +123,46 @@ def test_one_side_without_spread_has_the_other_sides_interval() -> None:
     assert d["accuracy"] == pytest.approx((0.92 - 0.905, 0.015 - half, 0.015 + half))
 
 
+def test_paired_interval_against_the_formula() -> None:
+    """Independent reference: the t interval of the per-seed differences written out
+    (mean +- t_{n-1} sd / sqrt(n)), over the seeds both groups have (seed 3 of the
+    regularizer has no baseline partner and is left out of the pairing)."""
+    base = {0: 0.9905, 1: 0.9928, 2: 0.9927}
+    mom = {0: 0.9914, 1: 0.9905, 2: 0.9899, 3: 0.9950}
+    # R: the seed lifts both methods by 0.05 a seed; the regularizer gains 0.001 a seed more
+    runs = [rec(f"b{s}", "baseline", a, 0.80 + s / 20, s) for s, a in base.items()]
+    runs += [rec(f"m{s}", "moment", a, 0.95 + s / 20 + s / 1000, s) for s, a in mom.items()]
+    ((g, b, d),) = paired_differences(seed_groups(runs), level=0.9)
+    assert (g.method, b.method, d["seeds"]) == ("moment", "baseline", [0, 1, 2])
+    diffs = [mom[s] - base[s] for s in (0, 1, 2)]
+    mean = statistics.fmean(diffs)
+    half = stats.t.ppf(0.95, 2) * statistics.stdev(diffs) / math.sqrt(3)
+    assert d["accuracy"] == pytest.approx((mean, mean - half, mean + half), rel=1e-9)
+    # R differences 0.150, 0.151, 0.152: interval 0.151 +- t_2 * 0.001 / sqrt(3)
+    half = stats.t.ppf(0.95, 2) * 0.001 / math.sqrt(3)
+    assert d["robustness"] == pytest.approx((0.151, 0.151 - half, 0.151 + half), rel=1e-9)
+    # ttest_rel on the aligned values gives the same interval
+    ref = stats.ttest_rel([mom[s] for s in (0, 1, 2)], [base[s] for s in (0, 1, 2)])
+    ci = ref.confidence_interval(0.9)
+    assert d["accuracy"][1:] == pytest.approx((ci.low, ci.high), rel=1e-9)
+    # pairing removes a shift that the seed gives both methods: Welch does not
+    ((_, _, w),) = welch_differences(seed_groups(runs), level=0.9)
+    assert w["robustness"][2] - w["robustness"][1] > 20 * 2 * half
+
+
+def test_paired_needs_two_common_seeds_and_spread() -> None:
+    runs = [rec(f"b{s}", "baseline", 0.90, 0.5, s) for s in (0, 1)]
+    runs += [rec(f"m{s}", "moment", 0.91, 0.7 + s / 100, s) for s in (1, 2)]
+    assert paired_differences(seed_groups(runs)) == []  # only seed 1 in common
+    runs.append(rec("m0", "moment", 0.91, 0.7, 0))
+    ((_, _, d),) = paired_differences(seed_groups(runs))
+    assert d["seeds"] == [0, 1]
+    # equal accuracy differences (0.01 at both seeds): no spread, no interval
+    mean, low, high = d["accuracy"]
+    assert mean == pytest.approx(0.01) and math.isnan(low) and math.isnan(high)
+    assert d["robustness"][1] < d["robustness"][0] < d["robustness"][2]
+
+
 def test_a_single_seed_group_has_no_interval() -> None:
     runs = [rec("b0", "baseline", 0.9, 0.5, 0), rec("b1", "baseline", 0.91, 0.5, 1)]
     runs += [rec("m0", "moment", 0.9, 0.7, 0)]
@@ -142,6 +188,12 @@ def test_the_report_section_on_run_folders(tmp_path: Path) -> None:
     welch = entry["welch"][0]["accuracy"]
     assert welch["diff"] == pytest.approx((360 + 358) / 2 / N - 360 / N)
     assert welch["low"] < welch["diff"] < welch["high"]
+    # paired over seeds 0 and 1: differences 0 and -6 of N
+    assert "Paired by seed" in text and "| moment alpha=1 sigma=0.5 | baseline | 0, 1 |" in text
+    (paired,) = entry["paired"]
+    assert paired["seeds"] == [0, 1]
+    assert paired["accuracy"]["diff"] == pytest.approx(-3 / N)
+    assert paired["accuracy"]["low"] < -3 / N < paired["accuracy"]["high"]
     # without repeated runs there is no such section
     other = tmp_path / "single"
     write_run(other, cfg("baseline"), 360, [400, 380, 340, 300, 260])
