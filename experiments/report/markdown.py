@@ -17,8 +17,8 @@ method's best.
 ``summary.json`` holds ``settings`` (the fair comparison per setting), ``certified`` (per
 setting with certificates: each run's recomputed certificate summary per certification
 sigma, the figure files and the paired ACR comparisons), ``seeds`` (per setting with
-repeated runs: spread, bars against each baseline seed, Welch and paired-by-seed
-intervals) and ``left_out``.
+repeated runs: spread, bars against each baseline seed, the fair comparison at each
+seed, Welch and paired-by-seed intervals) and ``left_out``.
 It is strict JSON: a number that is not finite (a factor with no qualifying run, a ratio
 interval with R = 0) is written as ``null``.
 """

@@ -11,6 +11,9 @@ this section puts that variation on the record:
 * :func:`bars_against_seeds`: for every run compared with the baseline, the baseline seeds
   whose fair-comparison bar it clears (the bar and the rule are
   :func:`~experiments.report.compare.fair_choice`'s, applied once per baseline seed);
+* :func:`fair_by_seed`: the fair comparison itself at each seed that has a baseline run,
+  among the runs of that seed: which runs qualify and the paper's factor, to show whether
+  its verdict holds from seed to seed;
 * :func:`welch_differences`: the difference of each repeated run's mean accuracy and mean R
   from the baseline's, and of each repeated regularizer run's from each repeated
   noise-training run's, with Welch's t interval over seeds
@@ -37,7 +40,7 @@ from typing import Any
 
 from scipy import stats
 
-from experiments.report.compare import fair_choice, setting_key
+from experiments.report.compare import COMPARED_METHODS, FairComparison, fair_choice, setting_key
 from experiments.report.mdtable import md_table
 from experiments.report.records import RunRecord, method_order
 from experiments.report.stats import finite_or_none
@@ -45,6 +48,7 @@ from experiments.report.stats import finite_or_none
 __all__ = [
     "SeedGroup",
     "bars_against_seeds",
+    "fair_by_seed",
     "paired_differences",
     "seed_groups",
     "seeds_section",
@@ -165,6 +169,30 @@ def bars_against_seeds(
             if fc is not None and fc.qualifies(r):
                 cleared.append(_seed(b))
         out.append((r, cleared))
+    return out
+
+
+def fair_by_seed(
+    records: Sequence[RunRecord], tolerance: float
+) -> list[tuple[int, FairComparison]]:
+    """``(seed, fair comparison among the runs of that seed)`` for every seed with a
+    baseline run (not flagged), by seed; empty when fewer than two seeds have one.
+
+    ``records`` are the runs of one setting but the seed. Unlike
+    :func:`bars_against_seeds`, each seed's comparison sees only that seed's runs: it is
+    the comparison the paper's procedure would have made had the grid been run with that
+    seed alone.
+    """
+    if len({_seed(b) for b in _baselines(records)}) < 2:
+        return []
+    by_seed: dict[int, list[RunRecord]] = {}
+    for r in records:
+        by_seed.setdefault(_seed(r), []).append(r)
+    out = []
+    for seed in sorted(by_seed):
+        fc = fair_choice(by_seed[seed], tolerance)
+        if fc is not None:
+            out.append((seed, fc))
     return out
 
 
@@ -306,6 +334,28 @@ def seeds_section(
         )
         header = ("run", "seed", "accuracy", "R", "clears the bar of baseline seeds")
         md += [md_table(header, rows), ""]
+    by_seed = fair_by_seed(records, tolerance)
+    if by_seed:
+        md += [
+            "The fair comparison (tolerance "
+            f"{100 * tolerance:g} points) made at each seed alone, among that seed's runs "
+            "(the qualifying runs of each method; the factor is R(best regularizer) / "
+            "R(best augmentation), with intervals in that seed's section):",
+            "",
+        ]
+        rows = []
+        for seed, fc in by_seed:
+            runs = [r for r in records if _seed(r) == seed]
+            qualifying = ", ".join(
+                f"{m} {len(fc.qualifying[m])} of {sum(r.method == m for r in runs)}"
+                for m in COMPARED_METHODS if any(r.method == m for r in runs)
+            )
+            best = [fc.best[m].label() if fc.best[m] else "none" for m in ("moment", "augment")]
+            factor = f"{fc.factor:.3f}" if math.isfinite(fc.factor) else "undefined"
+            rows.append([seed, f"{fc.baseline.accuracy:.4f}", qualifying, *best, factor])
+        header = ("seed", "baseline accuracy (the bar)", "qualifying", "best regularizer",
+                  "best augmentation", "factor")
+        md += [md_table(header, rows), ""]
     diffs = welch_differences(groups, level=level)
     if diffs:
         md += [
@@ -342,6 +392,13 @@ def seeds_section(
             {"run_id": r.run_id, "label": r.label(), "seed": _seed(r),
              "baseline_seeds_cleared": c}
             for r, c in bars
+        ],
+        "fair_by_seed": [
+            {"seed": seed, "baseline_accuracy": fc.baseline.accuracy,
+             "qualifying": {m: [r.run_id for r in fc.qualifying[m]] for m in COMPARED_METHODS},
+             "best": {m: (fc.best[m].run_id if fc.best[m] else None) for m in COMPARED_METHODS},
+             "factor": finite_or_none(fc.factor)}
+            for seed, fc in by_seed
         ],
         "welch": [
             {"label": g.label, "reference": b.label, "level": level}

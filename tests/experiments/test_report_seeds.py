@@ -16,6 +16,7 @@ from scipy import stats
 from experiments.report import write_report
 from experiments.report.seeds import (
     bars_against_seeds,
+    fair_by_seed,
     paired_differences,
     seed_groups,
     welch_differences,
@@ -73,6 +74,28 @@ def test_each_baseline_seed_sets_its_own_bar() -> None:
     assert {r.run_id: s for r, s in bars_against_seeds(runs, 0.01)}["a"] == [0, 1, 2]
     # one baseline seed: nothing to say beyond the fair comparison itself
     assert bars_against_seeds(runs[:1] + runs[3:], 0.0) == []
+
+
+def test_the_fair_comparison_at_each_seed_sees_only_that_seeds_runs() -> None:
+    runs = [
+        rec("b0", "baseline", 0.900, 0.5, 0),
+        rec("b1", "baseline", 0.905, 0.5, 1),
+        rec("m0", "moment", 0.901, 0.7, 0),
+        rec("a0", "augment", 0.902, 0.8, 0),
+        rec("m1", "moment", 0.906, 0.75, 1),  # the only run at seed 1's bar
+        rec("a1", "augment", 0.904, 0.85, 1),
+        rec("a2", "augment", 0.999, 0.99, 2),  # seed 2 has no baseline: no comparison
+    ]
+    got = fair_by_seed(runs, 0.0)
+    assert [seed for seed, _ in got] == [0, 1]
+    fc0, fc1 = got[0][1], got[1][1]
+    assert fc0.baseline.run_id == "b0" and fc0.factor == pytest.approx(0.7 / 0.8)
+    assert [r.run_id for r in fc1.qualifying["moment"]] == ["m1"]
+    assert fc1.qualifying["augment"] == [] and math.isnan(fc1.factor)
+    # a run of another seed never enters (a2 would clear seed 0's bar and be the best)
+    assert fc0.best["augment"].run_id == "a0"
+    # one baseline seed: the fair comparison of the setting says it all
+    assert fair_by_seed([r for r in runs if r.run_id != "b1"], 0.0) == []
 
 
 def test_welch_interval_against_the_formula() -> None:
@@ -188,6 +211,12 @@ def test_the_report_section_on_run_folders(tmp_path: Path) -> None:
     welch = entry["welch"][0]["accuracy"]
     assert welch["diff"] == pytest.approx((360 + 358) / 2 / N - 360 / N)
     assert welch["low"] < welch["diff"] < welch["high"]
+    # the fair comparison at each seed: moment seed 0 clears its bar, seed 1 does not
+    assert "made at each seed alone" in text
+    fair = entry["fair_by_seed"]
+    assert [(e["seed"], len(e["qualifying"]["moment"])) for e in fair] == [(0, 1), (1, 0), (2, 0)]
+    assert fair[0]["best"]["moment"] == fair[0]["qualifying"]["moment"][0]
+    assert all(e["factor"] is None for e in fair)  # no augmentation run: no factor
     # paired over seeds 0 and 1: differences 0 and -6 of N
     assert "Paired by seed" in text and "| moment alpha=1 sigma=0.5 | baseline | 0, 1 |" in text
     (paired,) = entry["paired"]
