@@ -275,10 +275,14 @@ def _matched_section(
 ) -> list[str]:
     """Robustness against compute for all epoch caps of a setting, and its matched pairs."""
     pairs = matched_pairs(recs, declared, **boot)
-    title = f"{setting['model']} on {setting['dataset']}: robustness against compute"
+    where = (
+        f"{setting['model']} on {setting['dataset']} (train subset {setting['train_subset']}, "
+        f"test subset {setting['test_subset']}, seed {setting['seed']}, all epoch caps)"
+    )
     slug = figure_slug({**setting, "epochs": None})
-    fig = plot_compute(recs, fair_choice(recs, tolerance), out / f"compute_{slug}.png", title)
-    md = [f"## Matched compute: {setting['model']} on {setting['dataset']} (all epoch caps)", ""]
+    fig = plot_compute(recs, fair_choice(recs, tolerance), out / f"compute_{slug}.png",
+                       f"{where}: robustness against compute")
+    md = [f"## Matched compute: {where}", ""]
     md += [f"![robustness against compute]({fig.name})", ""]
     if not pairs:
         return md + ["No matched-compute pairs declared for this setting.", ""]

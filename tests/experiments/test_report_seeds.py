@@ -211,6 +211,9 @@ def test_the_report_section_on_run_folders(tmp_path: Path) -> None:
     welch = entry["welch"][0]["accuracy"]
     assert welch["diff"] == pytest.approx((360 + 358) / 2 / N - 360 / N)
     assert welch["low"] < welch["diff"] < welch["high"]
+    # each seed has its own compute section, named by its seed
+    for seed in (0, 1, 2):
+        assert f"seed {seed}, all epoch caps)\n" in text
     # the fair comparison at each seed: moment seed 0 clears its bar, seed 1 does not
     assert "made at each seed alone" in text
     fair = entry["fair_by_seed"]
