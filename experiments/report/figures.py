@@ -10,7 +10,7 @@ Runs whose predictions are flagged as (nearly) constant are drawn with an ``x`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,31 +166,44 @@ def plot_fair(fc: FairComparison, path: Path, title: str) -> Path:
 
 
 def plot_compute(
-    records: Sequence[RunRecord], choice: FairComparison | None, path: Path, title: str
+    records: Sequence[RunRecord],
+    choice: FairComparison | None,
+    path: Path,
+    title: str,
+    plain_steps: Mapping[str, float] | None = None,
 ) -> Path:
     """Robustness R against training time and against gradient steps, per method; hollow
     markers: runs that do not qualify under ``choice`` (below the accuracy bar, or flagged
-    predictions); all filled when ``choice`` is None (no baseline)."""
+    predictions); all filled when ``choice`` is None (no baseline).
+
+    With ``plain_steps`` (run id to plain-step equivalents: gradient steps times the cost
+    of the run's kind of step, :mod:`~experiments.report.stepcost`), a third panel shows R
+    against that, the one compute axis on which methods with steps of different cost
+    compare fairly; runs without an entry are left out of that panel only.
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, key, xlabel in (
-        (axes[0], "train_time_s", "training time (s)"),
-        (axes[1], "gradient_steps", "gradient steps"),
-    ):
+    panels: list[tuple[str, Callable[[RunRecord], Any]]] = [
+        ("training time (s)", lambda r: r.results.get("train_time_s")),
+        ("gradient steps", lambda r: r.results.get("gradient_steps")),
+    ]
+    if plain_steps is not None:
+        panels.append(("plain-step equivalents", lambda r: plain_steps.get(r.run_id)))
+    fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    axes = fig.subplots(1, len(panels))
+    for ax, (xlabel, x_of) in zip(axes, panels, strict=True):
         for method in METHODS:
-            rs = [r for r in records if r.method == method and r.results.get(key)]
+            rs = [r for r in records if r.method == method and x_of(r)]
             ok = [r for r in rs if choice is None or choice.qualifies(r)]
             bad = [r for r in rs if r not in ok]
             ax.scatter(
-                [r.results[key] for r in ok],
+                [x_of(r) for r in ok],
                 [r.robustness for r in ok],
                 color=_COLORS[method],
                 label=method,
             )
             ax.scatter(
-                [r.results[key] for r in bad],
+                [x_of(r) for r in bad],
                 [r.robustness for r in bad],
                 facecolors="none",
                 edgecolors=_COLORS[method],
@@ -200,7 +213,7 @@ def plot_compute(
         ax.set_xlabel(xlabel)
         ax.set_ylabel("robustness R")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return path

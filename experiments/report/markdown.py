@@ -66,7 +66,7 @@ from experiments.report.stats import (
     finite_or_none,
     intervals_json,
 )
-from experiments.report.stepcost import convergence_section
+from experiments.report.stepcost import convergence_rows, convergence_section
 
 __all__ = ["write_report"]
 
@@ -272,16 +272,22 @@ def _matched_section(
     out: Path,
     tolerance: float,
     boot: dict,
+    costs: Mapping[int, Mapping[str, float]] | None = None,
 ) -> list[str]:
-    """Robustness against compute for all epoch caps of a setting, and its matched pairs."""
+    """Robustness against compute for all epoch caps of a setting (against plain-step
+    equivalents too, with step ``costs``), and its matched pairs."""
     pairs = matched_pairs(recs, declared, **boot)
+    plain = None
+    if costs is not None:
+        plain = {row["record"].run_id: row["plain_steps"] for row in convergence_rows(recs, costs)
+                 if row["plain_steps"] is not None}
     where = (
         f"{setting['model']} on {setting['dataset']} (train subset {setting['train_subset']}, "
         f"test subset {setting['test_subset']}, seed {setting['seed']}, all epoch caps)"
     )
     slug = figure_slug({**setting, "epochs": None})
     fig = plot_compute(recs, fair_choice(recs, tolerance), out / f"compute_{slug}.png",
-                       f"{where}: robustness against compute")
+                       f"{where}: robustness against compute", plain)
     md = [f"## Matched compute: {where}", ""]
     md += [f"![robustness against compute]({fig.name})", ""]
     if not pairs:
@@ -404,7 +410,8 @@ def write_report(
     for key, recs in group_by_setting(records, with_epochs=False).items():
         setting = dict(key)
         md += _matched_section(
-            setting, recs, declared, out, tol.get(str(setting["dataset"]), 0.0), boot
+            setting, recs, declared, out, tol.get(str(setting["dataset"]), 0.0), boot,
+            step_costs,
         )
     md += _left_out_section(left_out)
     summary["left_out"] = [

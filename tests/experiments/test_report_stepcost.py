@@ -30,6 +30,13 @@ def bench_json(path: Path, ratios: dict[str, float], batch: int = 100) -> Path:
     return path
 
 
+def png_width(path: Path) -> int:
+    """Pixel width from a PNG's IHDR chunk (bytes 16 to 20, big-endian)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big")
+
+
 def test_bench_method_names_each_kind_of_step() -> None:
     assert bench_method({"method": "baseline"}) == "plain"
     assert bench_method({"method": "moment"}) == "moment"
@@ -98,6 +105,11 @@ def test_the_report_command_with_step_costs(tmp_path: Path) -> None:
     assert "### Compute to convergence (plain-step equivalents)" in text
     assert "| moment alpha=1 sigma=0.5 | 3 (3) | 300 | 2.00 | 600 |" in text
     assert "| moment alpha=1 sigma=0.5 | augment N~=2 sigma=0.25 | 1.10 |" in text
-    assert report_main(argv) == 0  # without step costs: no such section
+    # the compute figure gains a third panel (R against plain-step equivalents): 5 inches
+    # at 110 dpi a panel
+    (fig,) = out.glob("compute_*.png")
+    assert png_width(fig) == 3 * 5 * 110
+    assert report_main(argv) == 0  # without step costs: no such section, two panels
     assert "Compute to convergence" not in (out / "report.md").read_text()
+    assert png_width(fig) == 2 * 5 * 110
     assert report_main(argv + ["--step-costs", str(tmp_path / "none.json")]) != 0
