@@ -115,12 +115,17 @@ def _identity(config: dict[str, Any]) -> str:
 def seed_groups(records: Iterable[RunRecord]) -> list[SeedGroup]:
     """Every group of at least two runs that differ only in ``seed`` (by method, then label).
 
+    Runs flagged for degenerate predictions are left out: a constant classifier has R = 1
+    (Eq. 6 cannot tell it from a robust one) and the accuracy of one class, and either
+    would corrupt a mean over seeds or an interval; :func:`seeds_section` names them.
+
     Raises:
         ValueError: two runs of one group have the same seed (the same run found twice).
     """
     groups: dict[str, list[RunRecord]] = {}
     for r in records:
-        groups.setdefault(_identity(r.config), []).append(r)
+        if not r.degenerate:
+            groups.setdefault(_identity(r.config), []).append(r)
     out = []
     for recs in groups.values():
         if len(recs) < 2:
@@ -303,6 +308,7 @@ def seeds_section(
     groups = seed_groups(records)
     if not groups:
         return [], None
+    flagged = [r for r in records if r.degenerate]
     title = f"{setting['model']} on {setting['dataset']}"
     md = [
         f"## Seed-to-seed spread: {title} (epochs {setting['epochs']})",
@@ -319,6 +325,13 @@ def seeds_section(
         for g in groups
     )
     md += [md_table(("run", "seeds", "accuracy", "mean ± sd", "R", "mean ± sd"), rows), ""]
+    if flagged:
+        md += [
+            "Left out of the spread and of every interval over seeds for degenerate "
+            "predictions (a constant classifier's R is 1): "
+            + ", ".join(f"{r.label()} seed {_seed(r)} ({r.run_id})" for r in flagged) + ".",
+            "",
+        ]
     bars = bars_against_seeds(records, tolerance)
     if bars:
         base_seeds = [_seed(b) for b in _baselines(records)]
@@ -388,6 +401,7 @@ def seeds_section(
     entry = {
         "setting": {k: v for k, v in setting.items() if k != "seed"},
         "groups": [g.summary() for g in groups],
+        "left_out_degenerate": [r.run_id for r in flagged],
         "bars": [
             {"run_id": r.run_id, "label": r.label(), "seed": _seed(r),
              "baseline_seeds_cleared": c}

@@ -53,6 +53,26 @@ def test_groups_hold_runs_that_differ_only_in_the_seed() -> None:
     assert [g.label for g in seed_groups(runs)] == ["baseline", "augment N~=2 sigma=0.5"]
 
 
+def test_degenerate_runs_stay_out_of_the_spread_and_the_intervals() -> None:
+    """A constant classifier (R = 1) among the seeds would lift the group's mean R; it is
+    left out, and a group left with one run is no group."""
+    runs = [rec(f"b{s}", "baseline", 0.99, 0.80 + s / 100, s) for s in range(3)]
+    runs += [
+        rec("g0", "gaussian", 0.11, 1.0, 0, flagged=True),
+        rec("g1", "gaussian", 0.99, 0.95, 1),
+        rec("g2", "gaussian", 0.98, 0.96, 2),
+        rec("h0", "augment", 0.11, 1.0, 0, flagged=True),
+        rec("h1", "augment", 0.99, 0.97, 1),
+    ]
+    groups = {g.method: g for g in seed_groups(runs)}
+    assert set(groups) == {"baseline", "gaussian"}  # augment keeps one run: no group
+    assert [r.run_id for r in groups["gaussian"].records] == ["g1", "g2"]
+    ((g, b, d),) = welch_differences(list(groups.values()))
+    assert g.method == "gaussian" and d["robustness"][0] == pytest.approx(0.955 - 0.81)
+    ((_, _, p),) = paired_differences(list(groups.values()))
+    assert p["seeds"] == [1, 2]
+
+
 def test_a_seed_found_twice_is_an_error() -> None:
     runs = [rec("b0", "baseline", 0.9, 0.5, 0), rec("b0-copy", "baseline", 0.9, 0.5, 0)]
     with pytest.raises(ValueError, match="seed_groups: .*repeat a seed"):
@@ -199,7 +219,12 @@ def test_the_report_section_on_run_folders(tmp_path: Path) -> None:
     for seed, n_correct in ((0, 360), (1, 358)):
         config = cfg("moment", alpha=1.0, sigma=0.5, seed=seed)
         write_run(tmp_path, config, n_correct, [400, 398, 396, 394, 392])
+    # a run with constant predictions at seed 1: named, and in no group or interval
+    write_run(tmp_path, cfg("gaussian", sigma=0.5, seed=1), 40, [400] * 5, degenerate=1.0)
+    write_run(tmp_path, cfg("gaussian", sigma=0.5, seed=2), 350, [400, 390, 380, 370, 360])
     text = write_report(tmp_path, tmp_path / "out", n_boot=100).read_text()
+    assert "Left out of the spread and of every interval over seeds for degenerate" in text
+    assert "gaussian sigma=0.5 seed 1 (" in text
     assert "## Seed-to-seed spread: lenet on mnist (epochs 3)" in text
     assert f"| baseline | 0, 1, 2 | {360 / N:.4f}, {364 / N:.4f}, {356 / N:.4f} |" in text
     # moment seed 0 (360) clears the bars of seeds 0 (360) and 2 (356), seed 1 (358) only 2's
@@ -207,7 +232,8 @@ def test_the_report_section_on_run_folders(tmp_path: Path) -> None:
     assert "| 2 of 3 (0, 2) |" in text and "| 1 of 3 (2) |" in text
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     (entry,) = summary["seeds"]
-    assert [g["seeds"] for g in entry["groups"]] == [[0, 1, 2], [0, 1]]
+    assert [g["seeds"] for g in entry["groups"]] == [[0, 1, 2], [0, 1]]  # no gaussian group
+    assert len(entry["left_out_degenerate"]) == 1
     welch = entry["welch"][0]["accuracy"]
     assert welch["diff"] == pytest.approx((360 + 358) / 2 / N - 360 / N)
     assert welch["low"] < welch["diff"] < welch["high"]
