@@ -19,12 +19,13 @@ import numpy as np
 from experiments.config import METHODS
 from experiments.report.certificates import Certificate
 from experiments.report.compare import COMPARED_METHODS, FairComparison
-from experiments.report.records import RunRecord
+from experiments.report.records import RunRecord, method_order
 from experiments.report.stats import Interval
 
 __all__ = [
     "certified_curve_points",
     "figure_slug",
+    "figure3_lines",
     "plot_accuracy_robustness",
     "plot_certified",
     "plot_compute",
@@ -65,38 +66,59 @@ def _mark_flagged(ax: Any, records: Sequence[RunRecord], attr: str) -> None:
         )
 
 
+def figure3_lines(records: Sequence[RunRecord]) -> list[tuple[str, str, list[RunRecord]]]:
+    """The lines of Figure 3, in drawing order: ``(method, label, runs by sigma)``, one per
+    augmentation level, per regularizer alpha and surrogate (runs on whole-network moments
+    never share a line with the paper's ``first_relu`` surrogate) and one for Gaussian
+    noise training."""
+    lines: dict[tuple[str, float, str], list[RunRecord]] = {}
+    for r in records:
+        if r.method == "augment":
+            key = ("augment", float(r.config["folds"]), "")
+        elif r.method == "moment":
+            network = r.config.get("moments", "first_relu") == "network"
+            key = ("moment", float(r.config["alpha"]), " network" if network else "")
+        elif r.method == "gaussian":
+            key = ("gaussian", 0.0, "")
+        else:
+            continue
+        lines.setdefault(key, []).append(r)
+    names = {
+        "augment": lambda k: f"augment N~={k[1]:g}",
+        "moment": lambda k: f"moment{k[2]} alpha={k[1]:g}",
+        "gaussian": lambda k: "gaussian",
+    }
+    return [
+        (k[0], names[k[0]](k), sorted(lines[k], key=lambda r: float(r.config["sigma"])))
+        for k in sorted(lines, key=lambda k: (method_order(k[0]), k[2], k[1]))
+    ]
+
+
 def plot_accuracy_robustness(records: Sequence[RunRecord], path: Path, title: str) -> Path:
     """Figure 3: clean accuracy and robustness R against training sigma, one line per
-    augmentation level / regularizer alpha; the baseline as a dashed horizontal line."""
+    :func:`figure3_lines` (whole-network regularizer lines dashed); the baseline as a
+    dashed horizontal line; runs with degenerate predictions also marked with a cross."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     axes = fig.subplots(1, 2)
-    lines: dict[tuple[str, float], list[RunRecord]] = {}
-    for r in records:
-        if r.method == "augment":
-            lines.setdefault(("augment", float(r.config["folds"])), []).append(r)
-        elif r.method == "moment":
-            lines.setdefault(("moment", float(r.config["alpha"])), []).append(r)
-    aug_keys = sorted(k for k in lines if k[0] == "augment")
-    mom_keys = sorted(k for k in lines if k[0] == "moment")
+    lines = figure3_lines(records)
+    styles = {"augment": ("Blues", "o"), "moment": ("Reds", "s"), "gaussian": ("Greens", "^")}
     for ax, attr, ylabel in (
         (axes[0], "accuracy", "clean test accuracy"),
         (axes[1], "robustness", "robustness R (Eq. 6)"),
     ):
-        for keys, cmap, marker, name in (
-            (aug_keys, "Blues", "o", "augment N~"),
-            (mom_keys, "Reds", "s", "moment alpha"),
-        ):
-            for i, key in enumerate(keys):
-                rs = sorted(lines[key], key=lambda r: float(r.config["sigma"]))
+        for method, (cmap, marker) in styles.items():
+            family = [(label, rs) for m, label, rs in lines if m == method]
+            for i, (label, rs) in enumerate(family):
                 ax.plot(
                     [float(r.config["sigma"]) for r in rs],
                     [getattr(r, attr) for r in rs],
                     marker=marker,
-                    color=_shade(cmap, i, len(keys)),
-                    label=f"{name}={key[1]:g}",
+                    ls="--" if " network" in label else "-",
+                    color=_shade(cmap, i, len(family)),
+                    label=label,
                 )
         _mark_flagged(ax, records, attr)
         for r in records:

@@ -14,9 +14,11 @@ from experiments.__main__ import build_parser
 from experiments.__main__ import main as report_main
 from experiments.grids import expand_spec, write_manifest
 from experiments.report import collect_results, results_table, write_report
+from experiments.report.figures import figure3_lines
 from tests.experiments.report_runs import (
     EPS,
     cfg,
+    record,
     synthetic_runs,
     write_failed,
     write_nan_results,
@@ -183,3 +185,27 @@ def test_report_command_on_a_real_tiny_grid(tmp_path: Path, mnist_root: Path) ->
     for row in rows:
         assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["robustness_auc"] <= 1.0
         assert row["gradient_steps"] == (2 if row["method"] == "augment" else 1) * 2
+
+
+def test_figure3_keeps_the_two_surrogates_apart_and_draws_gaussian_training() -> None:
+    """A whole-network regularizer run at the same alpha as first_relu runs gets its own
+    line (one line would join two methods), and Gaussian noise training has a line."""
+    runs = [
+        record("b", "baseline", 0.99, 0.8),
+        record("m1", "moment", 0.99, 0.95),
+        record("m2", "moment", 0.99, 0.97),
+        record("n1", "moment", 0.99, 0.96),
+        record("a", "augment", 0.99, 0.98),
+        record("g2", "gaussian", 0.99, 0.99),
+        record("g1", "gaussian", 0.99, 0.98),
+    ]
+    for run_id, sigma in (("m1", 0.25), ("m2", 1.0), ("n1", 0.5), ("g1", 0.25), ("g2", 0.5)):
+        next(r for r in runs if r.run_id == run_id).config["sigma"] = sigma
+    next(r for r in runs if r.run_id == "n1").config["moments"] = "network"
+    lines = [(m, label, [r.run_id for r in rs]) for m, label, rs in figure3_lines(runs)]
+    assert lines == [
+        ("moment", "moment alpha=1", ["m1", "m2"]),
+        ("moment", "moment network alpha=1", ["n1"]),
+        ("augment", "augment N~=2", ["a"]),
+        ("gaussian", "gaussian", ["g1", "g2"]),
+    ]
