@@ -21,7 +21,7 @@ this section puts that variation on the record:
   intervals are wide, and they are shown as they come out;
 * :func:`paired_differences`: the same pairs of groups, paired by seed. A training seed
   fixes the initialization and the validation split whatever the method, so the runs of
-  two methods at one seed start from the same network and see the same training images;
+  two methods at one seed start from the same network and train on the same split;
   the mean over the seeds both groups have of the per-seed difference, with the paired
   t interval (``scipy.stats.ttest_rel``). It removes what the seed does to both methods
   alike (the seed-0 baseline of a grid may be a weak one), at the price of fewer
