@@ -8,7 +8,10 @@ Timed interleaved, round by round, so that a busy machine slows every method ali
   1 s on a 2-core CPU);
 * ``plain_step``: one Adam step of ``CE(model(x), y)``; ``network_step``: the same with
   :func:`momentkit.moment_regularized_loss` and ``moments="network"`` (goal: at most
-  3 plain steps); ``first_relu_step`` for comparison.
+  3 plain steps); ``first_relu_step`` for comparison; ``network_step_autograd_chain``:
+  the network step with the max-pooling chains differentiated by autograd through
+  their operations instead of in closed form (``momentkit.network._chain``), the same
+  values, to measure what the closed-form backward pass saves.
 
 Peak memory of the default mode for one image: the largest tensor it keeps is the
 factor, ``K x D`` numbers (``K = 784`` input pixels, ``D`` units of the widest layer),
@@ -38,7 +41,9 @@ import torch.nn.functional as F
 
 from experiments.models import lenet
 from momentkit import moment_regularized_loss, network_moments
+from momentkit.network import _chain
 from momentkit.network import layers as _layers
+from momentkit.network import pooling as _pooling
 from momentkit.network import propagate as _propagate
 
 
@@ -69,6 +74,21 @@ def _stage_timers(acc: dict[str, float]):
     finally:
         for (mod, name, _), fn in zip(patched, originals, strict=True):
             setattr(mod, name, fn)
+
+
+@contextlib.contextmanager
+def _autograd_chain():
+    """Pooling chains through autograd (``_chain.diagonal_chain_reference``)."""
+    fast = _pooling.diagonal_chain
+
+    def reference(ms, vs, oks, zero_first=False):
+        return _chain.diagonal_chain_reference(ms, vs, oks, zero_first)
+
+    _pooling.diagonal_chain = reference
+    try:
+        yield
+    finally:
+        _pooling.diagonal_chain = fast
 
 
 def main() -> None:
@@ -116,6 +136,7 @@ def main() -> None:
         "plain_step": lambda: step("plain"),
         "network_step": lambda: step("network"),
         "first_relu_step": lambda: step("first_relu"),
+        "network_step_autograd_chain": lambda: _with_autograd_chain(step),
     }
     for fn in methods.values():  # warm-up (tracing, caches)
         fn()
@@ -148,6 +169,11 @@ def main() -> None:
         "diagonal_over_forward": med["diagonal"] / med["forward"],
         "network_step_over_plain": med["network_step"] / med["plain_step"],
         "first_relu_step_over_plain": med["first_relu_step"] / med["plain_step"],
+        "network_step_autograd_chain_over_plain":
+            med["network_step_autograd_chain"] / med["plain_step"],
+        "autograd_chain_over_closed_form_per_round": statistics.median(
+            a / b for a, b in zip(times["network_step_autograd_chain"],
+                                  times["network_step"], strict=True)),
         "factor_seconds_per_image": med["factor_1"],
         "factor_tensor_mib": factor_mib,
         "factor_peak_rss_increase_mib": rss_kib / 1024,
@@ -162,6 +188,11 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
+
+
+def _with_autograd_chain(step) -> None:
+    with _autograd_chain():
+        step("network")
 
 
 if __name__ == "__main__":

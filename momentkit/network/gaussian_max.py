@@ -34,6 +34,7 @@ values or gradients.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -41,7 +42,7 @@ from momentkit.special import _normal_cdf as normal_cdf
 from momentkit.special import _normal_pdf as normal_pdf
 from momentkit.special import mills_ratio
 
-__all__ = ["clark_max", "lower_relu_mean", "stein_weight"]
+__all__ = ["clark_max", "clark_max_fast_parts", "lower_relu_mean", "stein_weight"]
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -134,6 +135,11 @@ def clark_max(
 
 
 def _clark_max_fast(m1, v1, m2, v2, mu, theta2, first):
+    """:func:`clark_max` below float64: :func:`clark_max_fast_parts` without the parts."""
+    return clark_max_fast_parts(m1, v1, m2, v2, mu, theta2, first)[:4]
+
+
+def clark_max_fast_parts(m1, v1, m2, v2, mu, theta2, first):
     """:func:`clark_max` below float64, in float32 (half precision computed in float32).
 
     ``T(-|mu|, theta) = theta (phi(t) - t Phi(-t))``, ``t = |a|``, directly, with
@@ -155,11 +161,11 @@ def _clark_max_fast(m1, v1, m2, v2, mu, theta2, first):
     work = torch.promote_types(dtype, torch.float32)
     mu, theta2 = mu.to(work), theta2.to(work)
     pos = theta2 > _floor(work)
-    theta = torch.where(pos, theta2, torch.ones_like(theta2)).sqrt()
+    theta = torch.where(pos, theta2, 1.0).sqrt()
     amu = torch.where(first, mu, -mu)  # |mu|, with the one-sided derivatives at 0
     # From t = 14 on phi(t) and Phi(-t) are 0 in float32; the clamp keeps t * Phi(-t)
     # from being inf * 0.
-    t = torch.where(pos, amu / theta, torch.zeros_like(amu)).clamp_max(30.0)
+    t = torch.where(pos, amu / theta, 0.0).clamp_max(30.0)
     u = t * _INV_SQRT2
     small = torch.special.erfc(u) * 0.5  # Phi(-t)
     # phi(t) = exp(-u^2) / sqrt(2 pi) with u^2 split as uh^2 + (u - uh)(u + uh), uh = u
@@ -168,11 +174,25 @@ def _clark_max_fast(m1, v1, m2, v2, mu, theta2, first):
     uh = torch.round(u * 16.0) * 0.0625
     phi = torch.exp(-uh * uh) * torch.exp((uh - u) * (u + uh)) * _INV_SQRT_2PI
     tie = torch.where(mu == 0, 0.5, 0.0).to(work)
-    tail = torch.where(pos, theta * (phi - t * small), torch.zeros_like(t)).to(dtype)
+    tail = torch.where(pos, theta * (phi - t * small), 0.0).to(dtype)
     small = torch.where(pos, small, tie).to(dtype)
     big = 1.0 - small
     mean = torch.where(first, m1, m2) + tail
     w1 = torch.where(first, big, small)
     w2 = torch.where(first, small, big)
     var = (v1 * w1 + v2 * w2 - tail * (amu.to(dtype) + tail)).clamp_min(0.0)
-    return mean, var, w1, w2
+    return mean, var, w1, w2, FastParts(pos, theta, phi, tail, small)
+
+
+class FastParts(NamedTuple):
+    """What :func:`clark_max_fast_parts` computed on the way, for an analytic backward
+    pass (:mod:`momentkit.network._chain`): ``pos`` (``theta^2`` above the floor),
+    ``theta`` (1 where not ``pos``) and ``phi = phi(t)`` in the working dtype, ``tail =
+    T(-|mu|, theta)`` and ``small = Phi(-t)`` (the tie value where not ``pos``), in
+    the input dtype."""
+
+    pos: torch.Tensor
+    theta: torch.Tensor
+    phi: torch.Tensor
+    tail: torch.Tensor
+    small: torch.Tensor

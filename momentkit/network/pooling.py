@@ -36,6 +36,8 @@ difference on the trained LeNet) and gives the output factor ``sum_j w_j C_j``;
 ``"full"`` uses the carried covariance, and the covariance of two outputs is ``W Sigma
 W^T`` (Stein's lemma once per output) with Clark's variances on the diagonal (a ReLU
 after the pool is then applied to the pooled Gaussian, with its exact covariance).
+Below float64, the ``"diagonal"`` chains are differentiated in closed form
+(:mod:`momentkit.network._chain`: the same values, a cheaper backward pass).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from momentkit.network._chain import diagonal_chain
 from momentkit.network.gaussian_max import clark_max
 from momentkit.network.layers import State, leaky_relu, relu_stats
 
@@ -142,20 +145,14 @@ def max_pool2d(layer: nn.MaxPool2d, state: State, relu: bool = False) -> State:
     if state.factor is None:
         var_w = _gather(state.var, geom)
         mean_w, ok_w, var_w = _sort_by_mean(mean_w, valid, (var_w, None))
-        has, m, v = ok_w[..., 0], mean_w[..., 0], var_w[..., 0]
-        for j in range(1, idx.shape[1]):
-            okj = _ok(ok_w, j, pad)
-            has, m, v, _, _ = _merge(has, okj, m, v, mean_w[..., j], var_w[..., j], 0.0)
+        oks = ok_w if pad else None
+        m, v = diagonal_chain(mean_w, var_w, oks)
         if relu:
             # _relu_of_max for a diagonal covariance, elementwise: the cross-covariances
             # of the chain are all 0.
             r_mean, r_var, g = relu_stats(m, v)
             lam = ((0.75 - g) / 0.5).clamp(0.0, 1.0)
-            has, fm, fv = torch.ones_like(has), torch.zeros_like(m), torch.zeros_like(v)
-            for j in range(idx.shape[1]):
-                has, fm, fv, _, _ = _merge(
-                    has, _ok(ok_w, j, pad), fm, fv, mean_w[..., j], var_w[..., j], 0.0
-                )
+            fm, fv = diagonal_chain(mean_w, var_w, oks, zero_first=True)
             m = lam * fm + (1.0 - lam) * r_mean
             v = lam * fv + (1.0 - lam) * r_var
         return State(m.reshape(n, c, *out), v.reshape(n, c, *out))
