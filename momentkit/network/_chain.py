@@ -30,13 +30,14 @@ import torch
 
 from momentkit.network.gaussian_max import clark_max, clark_max_fast_parts
 
-__all__ = ["DiagonalChain", "diagonal_chain", "diagonal_chain_reference"]
+__all__ = ["DiagonalChain", "diagonal_chain", "diagonal_chain_reference", "merge_values"]
 
 
-def _merge_values(has, ok, m, v, mj, vj, mc, vc):
-    """The chain's state after element ``j``: merged where both hold a unit, ``X_j``
-    taken where the state holds none yet (padding so far), kept where ``X_j`` is
-    padding (as :func:`momentkit.network.pooling._merge`)."""
+def merge_values(has, ok, m, v, mj, vj, mc, vc):
+    """The chain's state after element ``j`` from the merged ``(mc, vc)``: merged where
+    both hold a unit, ``X_j`` taken where the state holds none yet (padding so far), kept
+    where ``X_j`` is padding; with ``ok`` None (no padding) the merge everywhere. Returns
+    ``(has, m, v, use, take)``, the masks None without padding."""
     if ok is None:
         return has, mc, vc, None, None
     use = ok & has
@@ -62,7 +63,7 @@ def diagonal_chain_reference(ms, vs, oks, zero_first: bool):
     for j in range(start, ms.shape[-1]):
         ok = oks[..., j] if oks is not None else None
         mc, vc, _, _ = clark_max(m, v, ms[..., j], vs[..., j], 0.0)
-        has, m, v, _, _ = _merge_values(has, ok, m, v, ms[..., j], vs[..., j], mc, vc)
+        has, m, v, _, _ = merge_values(has, ok, m, v, ms[..., j], vs[..., j], mc, vc)
     return m, v
 
 
@@ -83,7 +84,7 @@ class DiagonalChain(torch.autograd.Function):
             first = mu >= 0
             mc, vc, _, _, parts = clark_max_fast_parts(m, v, mj, vj, mu, theta2, first)
             m_prev, v_prev = m, v
-            has, m, v, use, take = _merge_values(has, ok, m, v, mj, vj, mc, vc)
+            has, m, v, use, take = merge_values(has, ok, m, v, mj, vj, mc, vc)
             steps.append((j, m_prev, v_prev, first, parts, vc > 0, use, take))
         ctx.steps = steps
         ctx.start = start

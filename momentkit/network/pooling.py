@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from momentkit.network._chain import diagonal_chain
+from momentkit.network._chain import diagonal_chain, merge_values
 from momentkit.network.gaussian_max import clark_max
 from momentkit.network.layers import State, leaky_relu, relu_stats
 
@@ -106,16 +106,13 @@ def _merge(has, ok, m, v, mj, vj, cross):
     where ``M`` holds no unit yet (padding so far) ``X_j`` is taken. Returns the new
     ``(has, m, v, w1, w2)`` with the Stein weights (0/1 in those two cases)."""
     mc, vc, w1, w2 = clark_max(m, v, mj, vj, cross)
+    has, m, v, use, take = merge_values(has, ok, m, v, mj, vj, mc, vc)
     if ok is None:  # no padding in any window: every link is a plain maximum
-        return has, mc, vc, w1, w2
-    use = ok & has
-    take = ok & ~has
+        return has, m, v, w1, w2
     one, zero = torch.ones_like(w1), torch.zeros_like(w1)
     w1 = torch.where(use, w1, torch.where(take, zero, one))
     w2 = torch.where(use, w2, torch.where(take, one, zero))
-    m = torch.where(use, mc, torch.where(take, mj, m))
-    v = torch.where(use, vc, torch.where(take, vj, v))
-    return has | ok, m, v, w1, w2
+    return has, m, v, w1, w2
 
 
 def _sort_by_mean(mean, valid, *others):
