@@ -95,11 +95,7 @@ class DiagonalChain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_m, g_v):
-        ms, vs = ctx.saved_tensors
-        if g_m is None:
-            g_m = torch.zeros(ms.shape[:-1], dtype=ms.dtype, device=ms.device)
-        if g_v is None:
-            g_v = torch.zeros(vs.shape[:-1], dtype=vs.dtype, device=vs.device)
+        ms, vs = ctx.saved_tensors  # g_m and g_v are tensors: autograd materializes them
         if torch.is_grad_enabled():  # a graph of the backward pass is wanted
             return _backward_by_autograd(ms, vs, ctx.oks, ctx.zero_first, g_m, g_v)
         kk = ms.shape[-1]
