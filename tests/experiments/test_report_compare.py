@@ -17,6 +17,7 @@ from experiments.report import (
     matched_pairs,
     read_matched,
 )
+from experiments.report.compare import surrogate_pairs
 from tests.experiments.report_runs import (
     EPS,
     RUNS,
@@ -234,3 +235,26 @@ def test_matched_pairs_come_from_the_grid_manifest(synthetic) -> None:
     a, b, d, iv = pairs[0]
     assert (a.run_id, b.run_id, d["by"]) == (cfg_["mom1"].run_id(), grid.run_ids()[0], "wall_time")
     assert abs(iv["accuracy_diff"].estimate - (361 - 350) / N) <= 8 * EPS
+
+
+# ---------------------------------------------------------------- surrogate twins
+
+
+def test_surrogate_pairs_match_alpha_and_sigma(tmp_path: Path) -> None:
+    """Each whole-network run meets the first-ReLU run of its alpha and sigma; a network
+    run without a twin, and first-ReLU runs without a network run, are left out."""
+    configs = {
+        "net_1_05": cfg("moment", alpha=1.0, sigma=0.5, moments="network"),
+        "net_5_1": cfg("moment", alpha=5.0, sigma=1.0, moments="network"),  # no twin
+        "fr_1_05": cfg("moment", alpha=1.0, sigma=0.5),
+        "fr_1_1": cfg("moment", alpha=1.0, sigma=1.0),
+        "fr_5_05": cfg("moment", alpha=5.0, sigma=0.5),
+        "aug": cfg("augment", folds=2, sigma=0.5),
+    }
+    for c in configs.values():
+        write_run(tmp_path, c, 360, [400] * 5)
+    records = collect_results(tmp_path)
+    pairs = surrogate_pairs(records)
+    ids = {c.run_id(): name for name, c in configs.items()}
+    assert [(ids[a.run_id], ids[b.run_id]) for a, b in pairs] == [("net_1_05", "fr_1_05")]
+    assert surrogate_pairs([r for r in records if ids[r.run_id] != "fr_1_05"]) == []

@@ -17,7 +17,10 @@ from experiments.report import collect_results, results_table, write_report
 from experiments.report.figures import figure3_lines
 from tests.experiments.report_runs import (
     EPS,
+    RUNS,
+    N,
     cfg,
+    r_by_hand,
     record,
     synthetic_runs,
     write_failed,
@@ -209,3 +212,27 @@ def test_figure3_keeps_the_two_surrogates_apart_and_draws_gaussian_training() ->
         ("augment", "augment N~=2", ["a"]),
         ("gaussian", "gaussian", ["g1", "g2"]),
     ]
+
+
+def test_whole_network_runs_meet_their_first_relu_twin(tmp_path: Path) -> None:
+    """The report sets a moments="network" run against the paper's surrogate at the same
+    alpha and sigma: accuracies, the paired accuracy difference (4 more correct images of
+    400: +1 point) and the R ratio as computed by hand."""
+    synthetic_runs(tmp_path)  # holds mom1: first_relu, alpha 1, sigma 0.5
+    net_surv = [400, 399, 398, 397, 396]
+    write_run(tmp_path, cfg("moment", alpha=1.0, sigma=0.5, moments="network"), 365, net_surv)
+    out = tmp_path / "out"
+    write_report(tmp_path, out, n_boot=200)
+    text = (out / "report.md").read_text()
+    assert "### Whole-network moments against the paper's surrogate" in text
+    start = "| moment network alpha=1 sigma=0.5 | moment alpha=1 sigma=0.5 |"
+    row = next(line for line in text.splitlines() if line.startswith(start))
+    r_net, r_twin = r_by_hand(net_surv), r_by_hand(RUNS["mom1"][3])
+    assert f"| {365 / N:.4f} / {361 / N:.4f} | 1.00 [" in row
+    assert f"| {r_net:.4f} / {r_twin:.4f} | {r_net - r_twin:.4f} [" in row
+    assert f"| {r_net / r_twin:.3f} [" in row
+    # no whole-network run, no section
+    plain = tmp_path / "plain"
+    synthetic_runs(plain)
+    write_report(plain, plain / "out", n_boot=50)
+    assert "Whole-network moments" not in (plain / "out" / "report.md").read_text()
