@@ -20,6 +20,8 @@ run), PNG figures, ``summary.json`` and ``report.md``. The package has one modul
   from the training-step benchmark, and equal-compute pairs;
 * :mod:`~experiments.report.seeds`: the seed-to-seed spread of runs repeated with other
   training seeds;
+* :mod:`~experiments.report.surrogates`: the regularizer on whole-network moments against
+  its twin with the paper's surrogate;
 * :mod:`~experiments.report.markdown`: :func:`write_report`;
 * :mod:`~experiments.report.cli`: the ``report`` command (:func:`register`).
 """

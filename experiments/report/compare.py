@@ -50,7 +50,6 @@ __all__ = [
     "matched_pairs",
     "read_matched",
     "setting_key",
-    "surrogate_pairs",
 ]
 
 DEFAULT_TOLERANCE: dict[str, float] = {
@@ -225,30 +224,6 @@ def noise_references(fc: FairComparison, records: Iterable[RunRecord]) -> dict[s
         if best is not None:
             refs[method] = best
     return refs
-
-
-def surrogate_of(record: RunRecord) -> str:
-    """The moments a regularizer run was trained with: ``"network"`` (the output mean of
-    ``network_moments``) or ``"first_relu"`` (the paper's surrogate, the default)."""
-    return str(record.config.get("moments") or "first_relu")
-
-
-def surrogate_pairs(records: Iterable[RunRecord]) -> list[tuple[RunRecord, RunRecord]]:
-    """``(network run, first_relu twin)`` for every regularizer run on whole-network
-    moments that has a run with the paper's surrogate at the same alpha and sigma among
-    ``records`` (the runs of one setting), by label; runs without a twin are left out."""
-    moments = [r for r in records if r.method == "moment"]
-    twins = {
-        (r.config.get("alpha"), r.config.get("sigma")): r
-        for r in sorted(moments, key=lambda r: r.run_id, reverse=True)
-        if surrogate_of(r) == "first_relu"
-    }
-    pairs = []
-    for r in sorted(moments, key=lambda r: (r.label(), r.run_id)):
-        twin = twins.get((r.config.get("alpha"), r.config.get("sigma")))
-        if surrogate_of(r) == "network" and twin is not None:
-            pairs.append((r, twin))
-    return pairs
 
 
 def cost_table(records: Iterable[RunRecord]) -> list[dict[str, Any]]:

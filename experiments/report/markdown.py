@@ -4,9 +4,10 @@
 setting and writes, per setting: the run table and Figure 3, the fair comparison (Figures
 4 and 5, :func:`~experiments.report.compare.fair_comparison`) with paired intervals, every
 run against the baseline, every whole-network regularizer run against its twin with the
-paper's surrogate, the certified robustness of the runs that hold
-randomized-smoothing certificates (:func:`~experiments.report.smoothing.certified_section`)
-and the training cost (with step costs: the compute to convergence,
+paper's surrogate (:func:`~experiments.report.surrogates.surrogate_section`), the
+certified robustness of the runs that hold randomized-smoothing certificates
+(:func:`~experiments.report.smoothing.certified_section`) and the training cost (with
+step costs: the compute to convergence,
 :func:`~experiments.report.stepcost.convergence_section`); per setting without the seed:
 the seed-to-seed spread of runs repeated with other training seeds
 (:func:`~experiments.report.seeds.seeds_section`); per setting without the epoch cap:
@@ -43,7 +44,6 @@ from experiments.report.compare import (
     matched_pairs,
     noise_references,
     read_matched,
-    surrogate_pairs,
 )
 from experiments.report.figures import (
     figure_slug,
@@ -69,6 +69,7 @@ from experiments.report.stats import (
     intervals_json,
 )
 from experiments.report.stepcost import convergence_rows, convergence_section
+from experiments.report.surrogates import surrogate_section
 
 __all__ = ["write_report"]
 
@@ -178,40 +179,6 @@ def _against_noise(fc: FairComparison, records: Sequence[RunRecord], boot: dict)
     ]
 
 
-def _surrogate_section(recs: Sequence[RunRecord], boot: dict) -> list[str]:
-    """Every whole-network regularizer run against its twin with the paper's surrogate
-    (:func:`~experiments.report.compare.surrogate_pairs`), paired; nothing without one."""
-    pairs = surrogate_pairs(recs)
-    if not pairs:
-        return []
-    rows = []
-    for net, twin in pairs:
-        iv = compare_records(net, twin, **boot)
-        rows.append(
-            [
-                run_name(net),
-                run_name(twin),
-                f"{net.accuracy:.4f} / {twin.accuracy:.4f}",
-                iv["accuracy_diff"].fmt(2, pct=True),
-                f"{net.robustness:.4f} / {twin.robustness:.4f}",
-                iv["robustness_diff"].fmt(4),
-                iv["robustness_ratio"].fmt(3),
-            ]
-        )
-    header = ("whole-network run", "first-ReLU twin", "accuracy net. / twin",
-              "acc. difference (points)", "R net. / twin", "R difference", "R ratio")
-    return [
-        "### Whole-network moments against the paper's surrogate",
-        "",
-        'Every regularizer run on whole-network moments (`moments="network"`) against the '
-        "run with the paper's first-ReLU surrogate at the same alpha and sigma, paired "
-        "(network minus twin):",
-        "",
-        md_table(header, rows),
-        "",
-    ]
-
-
 def _fair_section(
     fc: FairComparison | None, recs: Sequence[RunRecord], out: Path, title: str, boot: dict
 ) -> tuple[list[str], dict[str, Any] | None]:
@@ -297,7 +264,7 @@ def _setting_section(
     fc = fair_comparison(recs, tolerance=tolerance, **boot)
     fair_md, summary = _fair_section(fc, recs, out, title, boot)
     cert_md, certified = certified_section(setting, recs, fc, out, title, boot)
-    md += fair_md + _surrogate_section(recs, boot) + cert_md + _cost_section(recs)
+    md += fair_md + surrogate_section(recs, boot) + cert_md + _cost_section(recs)
     md += convergence_section(recs, costs, boot)
     return md, summary, certified
 

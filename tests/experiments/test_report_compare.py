@@ -17,7 +17,7 @@ from experiments.report import (
     matched_pairs,
     read_matched,
 )
-from experiments.report.compare import surrogate_pairs
+from experiments.report.surrogates import surrogate_pairs
 from tests.experiments.report_runs import (
     EPS,
     RUNS,
