@@ -50,6 +50,12 @@ def method_order(method: str) -> int:
     return METHODS.index(method) if method in METHODS else len(METHODS)
 
 
+def surrogate_of(config: Mapping[str, Any]) -> str:
+    """The moments a regularizer run was trained with: ``"network"`` (the output mean of
+    ``network_moments``) or ``"first_relu"`` (the paper's surrogate, the default)."""
+    return str(config.get("moments") or "first_relu")
+
+
 def run_label(config: Mapping[str, Any]) -> str:
     """Short human name of a run's method and hyper-parameters, e.g. ``augment N~=6 sigma=0.5``."""
     method = config.get("method")
@@ -57,7 +63,7 @@ def run_label(config: Mapping[str, Any]) -> str:
     if method == "augment":
         return f"augment N~={config.get('folds')} sigma={sigma:g}"
     if method == "moment":
-        surrogate = " network" if config.get("moments", "first_relu") == "network" else ""
+        surrogate = " network" if surrogate_of(config) == "network" else ""
         return f"moment{surrogate} alpha={float(config.get('alpha') or 0):g} sigma={sigma:g}"
     if method == "gaussian":
         return f"gaussian sigma={sigma:g}"

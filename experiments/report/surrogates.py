@@ -11,16 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from experiments.report.mdtable import md_table, run_name
-from experiments.report.records import RunRecord
+from experiments.report.records import RunRecord, surrogate_of
 from experiments.report.stats import compare_records
 
-__all__ = ["surrogate_of", "surrogate_pairs", "surrogate_section"]
-
-
-def surrogate_of(record: RunRecord) -> str:
-    """The moments a regularizer run was trained with: ``"network"`` (the output mean of
-    ``network_moments``) or ``"first_relu"`` (the paper's surrogate, the default)."""
-    return str(record.config.get("moments") or "first_relu")
+__all__ = ["surrogate_pairs", "surrogate_section"]
 
 
 def surrogate_pairs(records: Iterable[RunRecord]) -> list[tuple[RunRecord, RunRecord]]:
@@ -31,12 +25,12 @@ def surrogate_pairs(records: Iterable[RunRecord]) -> list[tuple[RunRecord, RunRe
     twins = {
         (r.config.get("alpha"), r.config.get("sigma")): r
         for r in sorted(moments, key=lambda r: r.run_id, reverse=True)
-        if surrogate_of(r) == "first_relu"
+        if surrogate_of(r.config) == "first_relu"
     }
     pairs = []
     for r in sorted(moments, key=lambda r: (r.label(), r.run_id)):
         twin = twins.get((r.config.get("alpha"), r.config.get("sigma")))
-        if surrogate_of(r) == "network" and twin is not None:
+        if surrogate_of(r.config) == "network" and twin is not None:
             pairs.append((r, twin))
     return pairs
 
