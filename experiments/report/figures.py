@@ -19,7 +19,7 @@ import numpy as np
 from experiments.config import METHODS
 from experiments.report.certificates import Certificate
 from experiments.report.compare import COMPARED_METHODS, FairComparison
-from experiments.report.records import RunRecord, method_order
+from experiments.report.records import RunRecord, method_order, surrogate_of
 from experiments.report.stats import Interval
 
 __all__ = [
@@ -76,7 +76,7 @@ def figure3_lines(records: Sequence[RunRecord]) -> list[tuple[str, str, list[Run
         if r.method == "augment":
             key = ("augment", float(r.config["folds"]), "")
         elif r.method == "moment":
-            network = r.config.get("moments", "first_relu") == "network"
+            network = surrogate_of(r.config) == "network"
             key = ("moment", float(r.config["alpha"]), " network" if network else "")
         elif r.method == "gaussian":
             key = ("gaussian", 0.0, "")

@@ -30,7 +30,7 @@ from typing import Any
 from experiments import rundir
 from experiments.config import PRESETS
 from experiments.report.mdtable import md_table, run_name
-from experiments.report.records import RunRecord
+from experiments.report.records import RunRecord, surrogate_of
 from experiments.report.stats import Interval, compare_records
 
 __all__ = [
@@ -55,7 +55,7 @@ def bench_method(config: Mapping[str, Any]) -> str:
     method = config.get("method")
     if method == "baseline":
         return "plain"
-    if method == "moment" and config.get("moments", "first_relu") == "network":
+    if method == "moment" and surrogate_of(config) == "network":
         return "moment_network"
     return str(method)
 
